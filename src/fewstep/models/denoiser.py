@@ -1,0 +1,147 @@
+"""Denoisers: the one interface every teacher and student presents to methods, solvers and evaluation.
+
+A :class:`Denoiser` answers one question in the path-free VE coordinate: given ``x = x0 + s * eps`` and the
+noise level ``s`` (per sample), what is the clean sample ``x0``? Everything else (the ODE velocity on any
+path, a score, a guided prediction) is derived from that answer, so a method written once works with an
+exact analytic teacher, a network trained here, or a diffusers model.
+
+Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a preconditioner:
+
+* :class:`EDMDenoiser`: EDM's ``x0 = c_skip x + c_out F(c_in x, log(s)/4)``;
+* :class:`ConsistencyDenoiser`: the same with consistency-model coefficients, so ``f(x, s_min) = x``;
+* :class:`PathDenoiser`: a network trained on another path with another prediction (eps on VP, velocity
+  on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.paths import (
+    NoisePath,
+    bcast,
+    edm_coefficients,
+    path_from_config,
+    x0_eps_from_prediction,
+)
+
+
+class Denoiser(nn.Module):
+    """Base class: ``forward(x, s, label=None) -> x0`` with ``x = x0 + s * eps`` and ``s`` of shape ``(B,)``.
+
+    ``data_shape`` is the shape of one sample; ``num_classes`` is 0 for unconditional models. Class labels
+    are integers in ``[0, num_classes)``; the index ``num_classes`` means "no label" (classifier-free
+    guidance's null condition)."""
+
+    data_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+
+    def forward(self, x: Tensor, s: Tensor, label: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+def as_sigma(s: Tensor | float, x: Tensor) -> Tensor:
+    """A per-sample noise level of shape ``(B,)`` in the dtype and device of ``x``."""
+    s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s
+
+
+def x0_on_path(
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, label: Tensor | None = None
+) -> Tensor:
+    """The denoiser's clean-sample prediction read on ``path`` at time ``t``."""
+    t = as_sigma(t, x_t)
+    return denoiser(x_t / bcast(path.alpha(t), x_t), path.ve_sigma(t), label)
+
+
+def velocity_on_path(
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, label: Tensor | None = None
+) -> Tensor:
+    """The probability-flow ODE velocity ``dx_t/dt`` on ``path`` implied by the denoiser."""
+    t = as_sigma(t, x_t)
+    x0 = x0_on_path(denoiser, x_t, t, path, label)
+    eps = (x_t - bcast(path.alpha(t), x_t) * x0) / bcast(path.sigma(t), x_t)
+    return bcast(path.d_alpha(t), x_t) * x0 + bcast(path.d_sigma(t), x_t) * eps
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning (Karras et al. 2022) around a backbone ``F(x, c_noise, label)``."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = sigma_data
+        self.data_shape = tuple(backbone.data_shape)
+        self.num_classes = int(backbone.num_classes)
+
+    def coefficients(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return edm_coefficients(s, self.sigma_data)
+
+    def forward(self, x, s, label=None):
+        s = as_sigma(s, x)
+        c_skip, c_out, c_in = (bcast(c, x) for c in self.coefficients(s))
+        out = self.backbone(c_in * x, 0.25 * torch.log(s), label)
+        return c_skip * x + c_out * out.to(x.dtype)
+
+    def config(self) -> dict:
+        return {"kind": "edm", "sigma_data": self.sigma_data}
+
+
+class ConsistencyDenoiser(EDMDenoiser):
+    """Consistency-model parametrisation (Song et al. 2023): the boundary condition ``f(x, s_min) = x`` holds
+    exactly because ``c_skip(s_min) = 1`` and ``c_out(s_min) = 0``::
+
+        c_skip = sd^2 / ((s - s_min)^2 + sd^2),   c_out = sd (s - s_min) / sqrt(sd^2 + s^2)
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002):
+        super().__init__(backbone, sigma_data)
+        self.sigma_min = sigma_min
+
+    def coefficients(self, s):
+        sd, ds = self.sigma_data, s - self.sigma_min
+        c_skip = sd**2 / (ds**2 + sd**2)
+        c_out = sd * ds / torch.sqrt(sd**2 + s**2)
+        c_in = 1.0 / torch.sqrt(s**2 + sd**2)
+        return c_skip, c_out, c_in
+
+    def config(self) -> dict:
+        return {"kind": "consistency", "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+
+
+class PathDenoiser(Denoiser):
+    """A backbone trained on ``path`` that outputs ``prediction`` given ``(x_t, t * time_scale, label)``."""
+
+    def __init__(self, backbone: nn.Module, path: NoisePath, prediction: str, time_scale: float = 1.0,
+                 sigma_data: float = 0.5):
+        super().__init__()
+        self.backbone, self.path, self.prediction = backbone, path, prediction
+        self.time_scale, self.sigma_data = time_scale, sigma_data
+        self.data_shape = tuple(backbone.data_shape)
+        self.num_classes = int(backbone.num_classes)
+
+    def forward(self, x, s, label=None):
+        s = as_sigma(s, x)
+        t = self.path.t_from_ve_sigma(s)
+        x_t = x * bcast(self.path.alpha(t), x)
+        out = self.backbone(x_t, t * self.time_scale, label).to(x.dtype)
+        return x0_eps_from_prediction(out, self.prediction, x_t, t, self.path, self.sigma_data)[0]
+
+    def config(self) -> dict:
+        return {"kind": "path", "path": self.path.config(), "prediction": self.prediction,
+                "time_scale": self.time_scale, "sigma_data": self.sigma_data}
+
+
+def denoiser_from_config(backbone: nn.Module, config: dict) -> Denoiser:
+    """Rebuild a preconditioned denoiser from its ``config()`` around ``backbone``."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind == "edm":
+        return EDMDenoiser(backbone, **config)
+    if kind == "consistency":
+        return ConsistencyDenoiser(backbone, **config)
+    if kind == "path":
+        config["path"] = path_from_config(config["path"])
+        return PathDenoiser(backbone, **config)
+    raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency' or 'path'")

@@ -1,0 +1,52 @@
+"""Residual MLP backbone for vector data (2-D toys, flattened digits)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from fewstep.nets.embeddings import LabelEmbedding, TimeEmbedding
+
+
+class ResidualBlock(nn.Module):
+    """``h + W2 silu(W1 norm(h) * (1 + scale) + shift)`` with ``(scale, shift)`` from the embedding."""
+
+    def __init__(self, width: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.modulation = nn.Linear(emb_dim, 2 * width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.modulation(emb).chunk(2, dim=1)
+        u = self.fc1(self.norm(h)) * (1 + scale) + shift
+        return h + self.fc2(self.dropout(nn.functional.silu(u)))
+
+
+class MLP(nn.Module):
+    """``F(x, c_noise, label)`` for samples of any shape, flattened internally."""
+
+    def __init__(self, data_shape: tuple[int, ...], width: int = 256, depth: int = 4, emb_dim: int = 128,
+                 num_classes: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.data_shape, self.num_classes = tuple(data_shape), num_classes
+        self.hparams = {"data_shape": list(data_shape), "width": width, "depth": depth, "emb_dim": emb_dim,
+                        "num_classes": num_classes, "dropout": dropout}
+        dim = math.prod(self.data_shape)
+        self.time_embedding = TimeEmbedding(emb_dim)
+        self.label_embedding = LabelEmbedding(num_classes, emb_dim) if num_classes else None
+        self.input = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
+        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
+        emb = self.time_embedding(c_noise)
+        if self.label_embedding is not None:
+            emb = emb + self.label_embedding(label, x.shape[0], x.device)
+        emb = nn.functional.silu(emb)
+        h = self.input(x.reshape(x.shape[0], -1).float())
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(h).reshape(x.shape)

@@ -1,0 +1,158 @@
+"""Samplers: plain functions over a denoiser callable ``denoise(x, s) -> x0`` (k-diffusion style).
+
+All samplers work in the path-free VE coordinate ``x = x0 + s eps`` and integrate the probability-flow ODE
+``dx/ds = (x - D(x, s)) / s`` along a decreasing list of noise levels ``sigmas`` (ending at 0, or at a
+small ``s_min`` whose state is returned as the sample). Since every noising path is the same ODE after
+SNR matching, one sampler serves every teacher; DDIM is :func:`sample_euler` in this coordinate.
+
+Teacher solvers (training-free baselines): ``euler``, ``heun`` (EDM's 2nd order), ``dpmpp_2m``
+(DPM-Solver++(2M)). Students: ``euler`` on the student's own grid (deterministic multi-step, e.g. PD),
+and ``consistency`` (denoise, then re-noise with fresh noise, Song et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Denoise = Callable[[Tensor, Tensor], Tensor]
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                  rho: float = RHO, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``n`` noise levels from ``sigma_max`` down to ``sigma_min``, evenly spaced in ``s^(1/rho)`` (EDM)."""
+    if n < 1:
+        raise ValueError(f"need at least one noise level, got n={n}")
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=dtype)
+    ramp = torch.linspace(0, 1, n, dtype=dtype)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _level(s: Tensor | float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+def sample_euler(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
+    """First-order (DDIM) integration; one network evaluation per step."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x0 = denoise(x, _level(s, x))
+        x = x0 + (s_next / s) * (x - x0)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
+    """EDM's Heun method: a second-order correction on every step except one that lands on ``s = 0``."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - denoise(x, _level(s, x))) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = (x_next - denoise(x_next, _level(s_next, x))) / s_next
+            x_next = x + (s_next - s) * 0.5 * (d + d_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in ``lambda = -log s``, one evaluation a step.
+
+    Each step is ``x' = (s'/s) x + (1 - s'/s) D~`` where ``D~`` extrapolates the last two denoised outputs
+    linearly in ``lambda``; the first step and a step onto ``s = 0`` use ``D~ = D``."""
+    previous, h_previous = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x0 = denoise(x, _level(s, x))
+        if s_next == 0:
+            x = x0
+            break
+        h = math.log(s / s_next)
+        x0_extrapolated = x0
+        if previous is not None:
+            r = h_previous / h
+            x0_extrapolated = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
+        x = (s_next / s) * x + (1 - s_next / s) * x0_extrapolated
+        previous, h_previous = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample_consistency(denoise: Denoise, x: Tensor, sigmas: Tensor,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Multistep consistency sampling: ``x0 = f(x, s_i)``, then ``x = x0 + s_{i+1} z`` with fresh noise.
+
+    ``sigmas`` lists the levels evaluated (a trailing 0 is ignored): one network evaluation each."""
+    levels = [float(s) for s in sigmas if s > 0]
+    x0 = x
+    for i, s in enumerate(levels):
+        x0 = denoise(x, _level(s, x))
+        if i + 1 < len(levels):
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x0 + levels[i + 1] * z
+    return x0
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "consistency": sample_consistency,
+}
+TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m")
+
+
+def solver_sigmas(solver: str, nfe: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                  rho: float = RHO) -> Tensor:
+    """The Karras schedule that makes ``solver`` use exactly ``nfe`` network evaluations.
+
+    Euler and DPM-Solver++(2M): ``nfe`` levels then 0. Heun: odd ``nfe = 2n - 1`` uses ``n`` levels then 0
+    (last step Euler); even ``nfe = 2n`` uses ``n + 1`` levels ending at ``sigma_min`` (all Heun steps)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if solver in ("euler", "dpmpp_2m"):
+        return append_zero(karras_sigmas(nfe, sigma_min, sigma_max, rho))
+    if solver == "heun":
+        if nfe % 2:
+            return append_zero(karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max, rho))
+        return karras_sigmas(nfe // 2 + 1, sigma_min, sigma_max, rho)
+    raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
+
+
+def count_nfe(sampler: str, sigmas: Tensor) -> int:
+    """Network evaluations ``sampler`` spends on ``sigmas``."""
+    steps = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True))
+    if sampler == "heun":
+        return sum(2 if nxt > 0 else 1 for _, nxt in steps)
+    if sampler == "consistency":
+        return int((sigmas > 0).sum())
+    return len(steps)
+
+
+def sample(denoise: Denoise, noise: Tensor, sampler: str, sigmas: Tensor,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Draw samples: scale standard-normal ``noise`` to ``sigmas[0]`` and run ``sampler`` down ``sigmas``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
+    return SAMPLERS[sampler](denoise, noise * sigmas[0], sigmas, generator=generator)
+
+
+def ode_endpoint(denoise: Denoise, noise: Tensor, steps: int = 256, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX) -> Tensor:
+    """A high-accuracy probability-flow ODE solution from ``noise`` (Heun, ``steps`` levels, then 0).
+
+    With an analytic teacher and float64 this is the exact flow map to within the integration error,
+    which :func:`fewstep.eval` reports by comparing against half as many steps."""
+    sigmas = append_zero(karras_sigmas(steps, sigma_min, sigma_max))
+    return sample(denoise, noise, "heun", sigmas)
