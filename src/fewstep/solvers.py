@@ -12,6 +12,7 @@ and ``consistency`` (denoise, then re-noise with fresh noise, Song et al. 2023).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -46,7 +47,7 @@ def _level(s: Tensor | float, x: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_euler(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
     """First-order (DDIM) integration; one network evaluation per step."""
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s, s_next in itertools.pairwise(sigmas):
         x0 = denoise(x, _level(s, x))
         x = x0 + (s_next / s) * (x - x0)
     return x
@@ -55,7 +56,7 @@ def sample_euler(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) ->
 @torch.no_grad()
 def sample_heun(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
     """EDM's Heun method: a second-order correction on every step except one that lands on ``s = 0``."""
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s, s_next in itertools.pairwise(sigmas):
         d = (x - denoise(x, _level(s, x))) / s
         x_next = x + (s_next - s) * d
         if s_next > 0:
@@ -72,7 +73,7 @@ def sample_dpmpp_2m(denoise: Denoise, x: Tensor, sigmas: Tensor, generator=None)
     Each step is ``x' = (s'/s) x + (1 - s'/s) D~`` where ``D~`` extrapolates the last two denoised outputs
     linearly in ``lambda``; the first step and a step onto ``s = 0`` use ``D~ = D``."""
     previous, h_previous = None, None
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s, s_next in itertools.pairwise(sigmas):
         x0 = denoise(x, _level(s, x))
         if s_next == 0:
             x = x0
