@@ -29,7 +29,8 @@ def stratified_counts(counts: Tensor, total: int) -> Tensor:
 
 
 def split_indices(labels: Tensor, ref_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(train, ref)`` index tensors: a seeded shuffle, then each class's first share goes to ``ref``."""
+    """``(train, ref)`` index tensors: a seeded shuffle, each class's first share goes to ``ref``, the rest
+    (shuffled once more) to ``train``."""
     order = torch.randperm(labels.shape[0], generator=generator)
     shuffled = labels[order]
     sizes = stratified_counts(torch.bincount(labels), ref_size)
@@ -38,7 +39,10 @@ def split_indices(labels: Tensor, ref_size: int, generator: torch.Generator) -> 
         members = shuffled == c
         rank_in_class[members] = torch.arange(int(members.sum()))
     is_ref = rank_in_class < sizes[shuffled]
-    return order[~is_ref], order[is_ref]
+    train = order[~is_ref]
+    # Shuffle again: classes fill their reference quota at different points, which would leave the start
+    # of the train split dominated by a few classes.
+    return train[torch.randperm(train.shape[0], generator=generator)], order[is_ref]
 
 
 def to_raw(x: Tensor) -> Tensor:

@@ -1,0 +1,269 @@
+"""Evaluate teachers and students side by side: same noise, same labels, same metrics, one report.
+
+:func:`evaluate` draws one seeded batch of noise (and class labels when conditional) and gives it to every
+:class:`Candidate`, so differences between rows come from the samplers alone. Digits (``1x8x8``) are
+measured by :func:`fewstep.eval.digits.digits_metrics` (quality metric ``fd``: FD-digits), every other
+dataset by :func:`fewstep.eval.toy.toy_metrics` (quality metric ``nll``, or ``swd`` without a density).
+Each report carries the noise floor, the values two real sample sets of the same size reach.
+
+Report keys that scripts rely on (keep them stable): ``dataset``, ``model``, ``results`` (rows with ``name``,
+``role``, ``sampler``, ``nfe``, the metric keys, ``sec_per_sample``, ``peak_memory_bytes``, and ``speedup``
+for students), ``noise_floor``, ``reference``, ``n_samples``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from fewstep.cache import atomic_write
+from fewstep.data.spec import DatasetSpec
+from fewstep.errors import ConfigError, DataError
+from fewstep.eval import digits, toy
+from fewstep.eval.speed import peak_memory, time_sampler
+
+ROLES = ("teacher", "student")
+DEFAULT_TOY_SAMPLES = 5000
+
+
+@dataclass
+class Candidate:
+    """One way of drawing samples: a teacher solver at some NFE, or a distilled student."""
+
+    name: str  # e.g. "teacher/heun-35" or "student/cd"
+    role: str  # "teacher" | "student"
+    sampler: str  # e.g. "heun", "consistency"
+    nfe: int
+    draw: Callable[[Tensor, Tensor | None, torch.Generator], Tensor]  # (noise, labels, generator) -> samples
+
+
+def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int | None = None, seed: int = 0,
+             exact_endpoint: Callable[[Tensor, Tensor | None], Tensor] | None = None, conditional: bool = False,
+             progress: bool = True, *, model: str = "", endpoint_tolerance: float | None = None,
+             device: str | torch.device = "cpu", timing_batch: int = 256, timing_repeats: int = 3) -> dict:
+    """Measure every candidate on the same seeded noise (and labels) and return a JSON-able report.
+
+    Args:
+        n_samples: samples per candidate; defaults to ``len(dataset.ref_x)`` for digits, 5000 otherwise.
+        exact_endpoint: ``(noise, labels) -> x0``, the exact ODE endpoint (analytic teacher); adds each row's
+            ``flow_map_error``, the mean distance between its samples and these endpoints.
+        conditional: draw labels uniformly from the dataset's classes (seeded) and pass them to ``draw``.
+        endpoint_tolerance: the integration error of ``exact_endpoint`` itself, as measured by the caller;
+            reported as ``noise_floor["exact_endpoint_error"]``.
+        device: where noise, labels and generators live; samples are measured on the CPU.
+        timing_batch: batch size of the speed and memory measurement (at most ``n_samples``).
+    """
+    _check_candidates(candidates)
+    is_digits = tuple(dataset.data_shape) == digits.DIGITS_SHAPE
+    n = n_samples if n_samples is not None else (len(dataset.ref_x) if is_digits else DEFAULT_TOY_SAMPLES)
+    if n < 2:
+        raise ConfigError(f"n_samples must be at least 2, got {n}")
+    if conditional and dataset.num_classes < 1:
+        raise DataError(f"dataset {dataset.name!r} has no classes, so it cannot be evaluated conditionally")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *dataset.data_shape), generator=generator)
+    labels = torch.randint(0, dataset.num_classes, (n,), generator=generator) if conditional else None
+    noise_on_device = noise.to(device)
+    labels_on_device = labels.to(device) if labels is not None else None
+
+    classifier = digits.feature_extractor(dataset) if is_digits else None
+    exact = None
+    if exact_endpoint is not None:
+        with torch.no_grad():
+            exact = exact_endpoint(noise_on_device, labels_on_device).detach().cpu()
+
+    def sampler_generator() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed + 1)
+
+    batch = min(timing_batch, n)
+    timing_noise = noise_on_device[:batch]
+    timing_labels = labels_on_device[:batch] if labels_on_device is not None else None
+    results = []
+    for candidate in tqdm(candidates, desc=f"evaluate {dataset.name}", disable=not progress):
+        with torch.no_grad():
+            samples = candidate.draw(noise_on_device, labels_on_device, sampler_generator())
+        if not isinstance(samples, Tensor) or samples.shape != noise.shape:
+            got = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+            raise DataError(f"candidate {candidate.name!r} returned {got}, expected samples of shape "
+                            f"{tuple(noise.shape)}")
+        samples = samples.detach().cpu()
+        if is_digits:
+            metrics = digits.digits_metrics(samples, dataset, labels=labels, classifier=classifier)
+        else:
+            metrics = toy.toy_metrics(samples, dataset, seed=seed)
+        if exact is not None:
+            metrics["flow_map_error"] = toy.flow_map_error(samples, exact)
+
+        def draw_batch(candidate: Candidate = candidate) -> Tensor:
+            return candidate.draw(timing_noise, timing_labels, sampler_generator())
+
+        results.append({
+            "name": candidate.name, "role": candidate.role, "sampler": candidate.sampler, "nfe": candidate.nfe,
+            **metrics,
+            "sec_per_sample": time_sampler(draw_batch, batch, warmup=1, repeats=timing_repeats),
+            "peak_memory_bytes": peak_memory(draw_batch, device),
+        })
+
+    teacher = best_teacher(results)
+    for row in results:
+        if row["role"] == "student":
+            row["speedup"] = teacher["sec_per_sample"] / row["sec_per_sample"] if teacher is not None else None
+
+    if is_digits:
+        floor_n = min(n, len(dataset.train_x))
+        noise_floor = digits.noise_floor_digits(dataset, floor_n, seed=seed, classifier=classifier)
+    else:
+        floor_n = n
+        noise_floor = toy.noise_floor_toy(dataset, n, seed=seed)
+    noise_floor["n"] = floor_n
+    if endpoint_tolerance is not None:
+        noise_floor["exact_endpoint_error"] = float(endpoint_tolerance)
+    reference = {"nll": toy.reference_nll(dataset)} if dataset.log_prob is not None else {}
+    return {
+        "dataset": dataset.name,
+        "model": model,
+        "quality_metric": quality_metric(results),
+        "n_samples": n,
+        "seed": seed,
+        "conditional": conditional,
+        "speedup_reference": teacher["name"] if teacher is not None else None,
+        "results": results,
+        "noise_floor": noise_floor,
+        "reference": reference,
+    }
+
+
+def quality_metric(results: list[dict]) -> str:
+    """The metric that ranks rows, lower is better: ``fd`` for digits, else ``nll``, else ``swd``."""
+    for key in ("fd", "nll", "swd"):
+        if any(key in row for row in results):
+            return key
+    raise DataError("results carry none of the quality metrics fd, nll, swd")
+
+
+def best_teacher(results: list[dict]) -> dict | None:
+    """The teacher row with the best quality (fewer NFE on a tie), or None without teacher rows."""
+    return _best([row for row in results if row["role"] == "teacher"], results)
+
+
+def best_at_nfe(results: list[dict], role: str, nfe: int) -> dict | None:
+    """The best-quality row of ``role`` at exactly ``nfe`` function evaluations, or None if there is none."""
+    return _best([row for row in results if row["role"] == role and row["nfe"] == nfe], results)
+
+
+def format_table(report: dict) -> str:
+    """A markdown table of the report: teachers first, then students, then the real-data noise floor."""
+    rows = [row for role in ROLES for row in report["results"] if row["role"] == role]
+    floor = report["noise_floor"]
+    key = quality_metric(report["results"])
+    # (header, key in a row or the floor, format); "x floor" columns divide by the floor's value.
+    if key == "fd":
+        columns = [("FD-digits", "fd", _number), ("x floor", "fd/floor", _ratio), ("precision", "precision", _frac),
+                   ("recall", "recall", _frac), ("coverage", "coverage", _frac)]
+        if any("class_accuracy" in row for row in rows):
+            columns.append(("class acc", "class_accuracy", _frac))
+    else:
+        columns = [(name, name, _number) for name in ("nll",) if any(name in row for row in rows)]
+        if any("modes_covered" in row for row in rows):
+            columns.append(("modes", "modes", str))
+        columns += [("swd", "swd", _number), ("swd x floor", "swd/floor", _ratio), ("mmd", "mmd", _number)]
+        if any("flow_map_error" in row for row in rows):
+            columns.append(("flow-map err", "flow_map_error", _number))
+    columns += [("sec/sample", "sec_per_sample", _seconds), ("peak MiB", "peak_memory_bytes", _mebibytes),
+                ("speedup", "speedup", _speedup)]
+
+    def cell(row: dict, name: str, fmt: Callable) -> str:
+        if name.endswith("/floor"):
+            metric = name.removesuffix("/floor")
+            value = row.get(metric)
+            return fmt(value / floor[metric]) if value is not None and floor.get(metric) else "–"
+        if name == "modes":
+            return f"{row['modes_covered']}/{row['modes_total']}" if "modes_covered" in row else "–"
+        value = row.get(name)
+        return fmt(value) if value is not None else "–"
+
+    header = ["name", "nfe"] + [title for title, _, _ in columns]
+    lines = [f"{report['dataset']} · model {report['model'] or '–'} · {report['n_samples']} samples · "
+             f"seed {report['seed']} · speedup vs {report.get('speedup_reference') or '–'}",
+             "",
+             "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join([row["name"], str(row["nfe"])]
+                                       + [cell(row, name, fmt) for _, name, fmt in columns]) + " |")
+    floor_cells = [cell(floor, name, fmt) if name not in ("sec_per_sample", "peak_memory_bytes", "speedup") else "–"
+                   for _, name, fmt in columns]
+    lines.append("| " + " | ".join([f"real data (noise floor, n={floor.get('n', '–')})", "–", *floor_cells]) + " |")
+    if "nll" in report.get("reference", {}):
+        lines.append(f"\nreference NLL of held-out data: {_number(report['reference']['nll'])}")
+    if "exact_endpoint_error" in floor:
+        lines.append(f"\nexact endpoint integration error: {_number(floor['exact_endpoint_error'])}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    """Write the report as indented JSON, atomically (a temporary file moved into place)."""
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as file:
+            json.dump(report, file, indent=2)
+            file.write("\n")
+
+    atomic_write(path, dump)
+
+
+def _best(rows: list[dict], results: list[dict]) -> dict | None:
+    if not rows:
+        return None
+    key = quality_metric(results)
+
+    def rank(row: dict) -> tuple[float, int]:
+        value = row.get(key)
+        return (value if value is not None and math.isfinite(value) else math.inf, row["nfe"])
+
+    return min(rows, key=rank)
+
+
+def _check_candidates(candidates: list[Candidate]) -> None:
+    if not candidates:
+        raise ConfigError("evaluate needs at least one candidate")
+    names = [candidate.name for candidate in candidates]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"candidate names must be unique, repeated: {duplicates}")
+    for candidate in candidates:
+        if candidate.role not in ROLES:
+            raise ConfigError(f"candidate {candidate.name!r} has role {candidate.role!r}; use one of {ROLES}")
+        if not isinstance(candidate.nfe, int) or candidate.nfe < 1:
+            raise ConfigError(f"candidate {candidate.name!r} needs a positive integer nfe, got {candidate.nfe!r}")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _frac(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2e}"
+
+
+def _mebibytes(value: int) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def _speedup(value: float) -> str:
+    return f"{value:.1f}x"
