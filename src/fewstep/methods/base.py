@@ -18,13 +18,15 @@ score or discriminator) and knows nothing of devices, processes or files. It dec
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, EDMDenoiser
 
 NEEDS = {
     "data": "real training samples x0 (with labels when conditional)",
@@ -93,6 +95,13 @@ class DistillationMethod(nn.Module):
         self.student = student
         self.config = config
 
+    @classmethod
+    def build_student(cls, teacher: Denoiser, config: MethodConfig, new_backbone: Callable[[], nn.Module],
+                      sigma_data: float) -> Denoiser:
+        """The student a run starts from: the teacher's network (copied) when it has one, else
+        ``new_backbone()``, EDM-preconditioned. Methods with another parametrisation override this."""
+        return EDMDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data)
+
     def phases(self) -> list[Phase]:
         return [Phase("student", list(self.student.parameters()))]
 
@@ -113,3 +122,11 @@ class DistillationMethod(nn.Module):
         super().train(mode)
         self.teacher.eval()
         return self
+
+
+def teacher_backbone_copy(teacher: Denoiser) -> nn.Module | None:
+    """A trainable deep copy of the teacher's backbone (looking through a guidance wrapper), or None when the
+    teacher is not a network (an analytic teacher)."""
+    inner = getattr(teacher, "denoiser", teacher)
+    backbone = getattr(inner, "backbone", None)
+    return None if backbone is None else copy.deepcopy(backbone).requires_grad_(True)

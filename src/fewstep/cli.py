@@ -1,0 +1,196 @@
+"""``fewstep`` command line: parse, build, call the library. Bad input exits with status 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fewstep.errors import FewstepError
+
+DEMO_OUT = "runs/demo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        args.handler(args)
+    except FewstepError as error:
+        print(f"fewstep: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewstep: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description="Distil diffusion/flow teachers into few-step "
+                                     "students, measured against exact analytic teachers and real data.")
+    commands = parser.add_subparsers(metavar="command")
+
+    demo = commands.add_parser("demo", help="train or reuse the digits teacher, distil it, evaluate, report")
+    demo.add_argument("--out", default=DEMO_OUT, help=f"output folder (default {DEMO_OUT})")
+    demo.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. train.steps=500")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=cmd_demo)
+
+    teacher = commands.add_parser("teacher", help="teacher commands").add_subparsers(metavar="action")
+    tt = teacher.add_parser("train", help="train a teacher on a built-in dataset")
+    tt.add_argument("--dataset", default="digits")
+    tt.add_argument("--backbone", default="mlp", choices=["mlp", "unet"])
+    tt.add_argument("--steps", type=int, default=6000)
+    tt.add_argument("--batch-size", type=int, default=256)
+    tt.add_argument("--lr", type=float, default=1e-3)
+    tt.add_argument("--label-dropout", type=float, default=0.1)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--out", default=None, help="model folder to write (default: the cache, reused by recipes)")
+    tt.add_argument("--quiet", action="store_true")
+    tt.set_defaults(handler=cmd_teacher_train)
+
+    distill = commands.add_parser("distill", help="run a recipe: teacher -> student -> evaluation -> report")
+    distill.add_argument("recipe", nargs="?", help="YAML recipe (see configs/); defaults give the demo job")
+    distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=pd train.steps=2000")
+    distill.add_argument("--quiet", action="store_true")
+    distill.set_defaults(handler=cmd_distill)
+
+    sample = commands.add_parser("sample", help="draw samples from a saved teacher or student")
+    sample.add_argument("--model", required=True, help="model folder (fewstep.json + model.safetensors)")
+    sample.add_argument("--nfe", type=int, default=None, help="steps (students: one their fewstep.json lists)")
+    sample.add_argument("-n", type=int, default=64)
+    sample.add_argument("--label", type=int, default=None, help="class label (default: cycle through classes)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples.png", help=".png (grid or scatter) or .pt (tensor)")
+    sample.set_defaults(handler=cmd_sample)
+
+    ev = commands.add_parser("eval", help="evaluate a teacher (NFE sweep) and students side by side")
+    ev.add_argument("--dataset", default="digits")
+    ev.add_argument("--teacher", default="train", help="'analytic', 'train' (cached) or a model folder")
+    ev.add_argument("--student", action="append", default=[], help="student folder (repeatable)")
+    ev.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4], help="student NFEs")
+    ev.add_argument("--teacher-nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ev.add_argument("--n-samples", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="write the report as JSON here")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(handler=cmd_eval)
+
+    methods = commands.add_parser("methods", help="list the registered methods")
+    methods.set_defaults(handler=cmd_methods)
+    return parser
+
+
+def cmd_demo(args) -> None:
+    from fewstep.config import load_recipe
+    from fewstep.run import run_recipe
+
+    recipe = load_recipe(None, [f"out={args.out}", *args.overrides])
+    report = run_recipe(recipe, progress=not args.quiet)
+    _print_report(report, Path(recipe.out))
+
+
+def cmd_distill(args) -> None:
+    from fewstep.config import load_recipe
+    from fewstep.run import run_recipe
+
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if recipe_path is not None and "=" in recipe_path and not Path(recipe_path).exists():
+        recipe_path, overrides = None, [recipe_path, *overrides]
+    recipe = load_recipe(recipe_path, overrides)
+    report = run_recipe(recipe, progress=not args.quiet)
+    _print_report(report, Path(recipe.out))
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from fewstep.eval.evaluate import format_table
+
+    print(format_table(report))
+    print(f"\nwrote {out}/report.md, report.json, samples.png, quality_vs_nfe.png and the student in {out}/student")
+
+
+def cmd_teacher_train(args) -> None:
+    from fewstep.api import Teacher
+
+    if args.out is None:
+        teacher = Teacher.cached(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
+                                 args.label_dropout, args.seed, progress=not args.quiet)
+        print(f"teacher ready: {teacher.name}")
+        return
+    out = Path(args.out)
+    teacher = Teacher.train(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
+                            args.label_dropout, args.seed, run_dir=out.with_name(out.name + ".run"),
+                            progress=not args.quiet)
+    teacher.save(out)
+    print(f"wrote teacher to {out}")
+
+
+def cmd_sample(args) -> None:
+    from fewstep.api import BEST_TEACHER_NFE, Student, Teacher
+    from fewstep.errors import ConfigError
+    from fewstep.eval.plots import sample_grid, scatter_2d
+    from fewstep.models.io import load_model
+
+    _, meta = load_model(args.model)
+    if meta.get("role") == "student":
+        model = Student.load(args.model)
+        nfe = args.nfe if args.nfe is not None else min(model.sampling)
+        dataset = model.dataset
+    else:
+        model = Teacher.load(args.model)
+        nfe = args.nfe if args.nfe is not None else BEST_TEACHER_NFE
+        dataset = model.dataset
+    if args.n < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.n}")
+    label = None
+    if dataset.num_classes:
+        if args.label is not None and not 0 <= args.label < dataset.num_classes:
+            raise ConfigError(f"--label must be in [0, {dataset.num_classes}), got {args.label}")
+        label = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % \
+            dataset.num_classes
+    if meta.get("role") == "student":
+        x = model.sample(args.n, nfe, label=label, seed=args.seed)
+    else:
+        x = model.sample(args.n, "heun", nfe, label=label, seed=args.seed)
+    out = Path(args.out)
+    if out.suffix == ".pt":
+        torch.save(x, out)
+    elif len(dataset.data_shape) > 1:
+        sample_grid(x, out)
+    else:
+        scatter_2d({f"{Path(args.model).name} @{nfe}": x}, out, reference=dataset.ref_x[: args.n])
+    print(f"wrote {args.n} samples ({nfe} NFE) to {out}")
+
+
+def cmd_eval(args) -> None:
+    from fewstep.api import Student, Teacher, evaluate_models
+    from fewstep.eval.evaluate import format_table, write_json
+
+    if args.teacher == "analytic":
+        teacher = Teacher.analytic(args.dataset)
+    elif args.teacher == "train":
+        teacher = Teacher.cached(args.dataset, progress=not args.quiet)
+    else:
+        teacher = Teacher.load(args.teacher, args.dataset)
+    students = [Student.load(folder) for folder in args.student]
+    report = evaluate_models(teacher, students, tuple(args.nfe), tuple(args.teacher_nfe),
+                             n_samples=args.n_samples, seed=args.seed, progress=not args.quiet)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_methods(args) -> None:
+    from fewstep.run import describe_methods
+
+    print(describe_methods())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

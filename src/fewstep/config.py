@@ -1,0 +1,155 @@
+"""Recipes: YAML files of typed sections, with ``key=value`` overrides, validated before anything runs.
+
+A recipe (see ``configs/``) has the sections of :class:`Recipe`. Every section is a dataclass, so an unknown
+key, a value of the wrong type or a missing file is refused with one :class:`~fewstep.errors.ConfigError`
+that names the key, before any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fewstep.errors import ConfigError
+from fewstep.train.trainer import TrainConfig
+
+
+@dataclass
+class TeacherRecipe:
+    """Where the teacher comes from: ``"analytic"`` (the dataset's exact mixture), ``"train"`` (train or reuse
+    the cached one for the dataset), or the path of a saved model folder."""
+
+    source: str = "train"
+    backbone: str = "mlp"
+    backbone_args: dict = field(default_factory=dict)
+    steps: int = 6000
+    batch_size: int = 256
+    lr: float = 1e-3
+    label_dropout: float = 0.1
+    guidance_scale: float = 1.0
+    guidance_convention: str = "cfg"
+
+
+@dataclass
+class EvalRecipe:
+    """What to measure: the student at ``student_nfe``, the teacher's solvers at ``teacher_nfe``."""
+
+    student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    teacher_solvers: list[str] = field(default_factory=lambda: ["euler", "heun", "dpmpp_2m"])
+    n_samples: int | None = None
+    conditional: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    dataset: str = "digits"
+    method: str = "cd"
+    method_args: dict = field(default_factory=dict)
+    teacher: TeacherRecipe = field(default_factory=TeacherRecipe)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+    student_backbone_args: dict = field(default_factory=dict)
+    out: str = "runs/default"
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` converted to ``annotation`` where that is lossless (int -> float), else raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        converted = [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return converted if origin is list else tuple(converted)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'recipe'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(sorted(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, name)
+        else:
+            kwargs[key] = _check_type(value, hint, name)
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value (e.g. train.steps=500)")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {error}") from None
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    recipe = build_dataclass(Recipe, tree, "")
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

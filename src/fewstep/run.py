@@ -1,0 +1,149 @@
+"""One distillation job from a recipe: teacher -> distil -> evaluate -> report, with files written to ``out``.
+
+This is what ``fewstep distill`` and ``fewstep demo`` run. Everything a user can get wrong in the recipe is
+checked by :func:`check_recipe` before any file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.api import Student, Teacher, build_method, distill, evaluate_models
+from fewstep.config import Recipe, build_dataclass, recipe_to_dict
+from fewstep.data import load_dataset
+from fewstep.errors import ConfigError
+from fewstep.eval.evaluate import best_at_nfe, best_teacher, format_table, quality_metric, write_json
+from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
+from fewstep.guidance import CONVENTIONS
+from fewstep.methods import METHODS
+from fewstep.models.io import load_model
+from fewstep.solvers import TEACHER_SOLVERS
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse a recipe that cannot run, naming the key to fix. Writes nothing."""
+    load_dataset(recipe.dataset)
+    if recipe.method not in METHODS:
+        raise ConfigError(f"method: unknown method {recipe.method!r}; available: {', '.join(sorted(METHODS))}")
+    build_dataclass(METHODS[recipe.method].Config, recipe.method_args, "method_args")
+    source = recipe.teacher.source
+    if source not in ("analytic", "train") and not Path(source).exists():
+        raise ConfigError(f"teacher.source: no model folder at {source!r} (or use 'analytic' / 'train')")
+    if source not in ("analytic", "train"):
+        load_model(source)
+    if recipe.teacher.guidance_convention not in CONVENTIONS:
+        raise ConfigError(f"teacher.guidance_convention must be one of {CONVENTIONS}")
+    unknown = [s for s in recipe.eval.teacher_solvers if s not in TEACHER_SOLVERS]
+    if unknown:
+        raise ConfigError(f"eval.teacher_solvers: unknown solver {unknown[0]!r}; choose from {TEACHER_SOLVERS}")
+    if any(n < 1 for n in recipe.eval.student_nfe + recipe.eval.teacher_nfe):
+        raise ConfigError("eval.student_nfe and eval.teacher_nfe must be positive integers")
+
+
+def resolve_teacher(recipe: Recipe, progress: bool = True) -> Teacher:
+    """The recipe's teacher: analytic, trained (cached by recipe), or loaded from a folder."""
+    spec = recipe.teacher
+    if spec.source == "analytic":
+        teacher = Teacher.analytic(recipe.dataset)
+    elif spec.source == "train":
+        teacher = Teacher.cached(recipe.dataset, spec.backbone, spec.backbone_args, spec.steps, spec.batch_size,
+                                 spec.lr, spec.label_dropout, recipe.train.seed, progress=progress)
+    else:
+        teacher = Teacher.load(spec.source, recipe.dataset)
+    return teacher.with_guidance(spec.guidance_scale, spec.guidance_convention)
+
+
+def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
+    """Run the whole job and write ``out/``: ``student/`` (the exported model), ``report.json``,
+    ``report.md``, ``samples.png`` (teacher vs student) and ``quality_vs_nfe.png``. Returns the report."""
+    check_recipe(recipe)
+    out = Path(recipe.out)
+    started = time.perf_counter()
+    teacher = resolve_teacher(recipe, progress)
+    teacher_seconds = time.perf_counter() - started
+    build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail before training
+    student = distill(teacher, recipe.method, method_args=recipe.method_args, train_config=recipe.train,
+                      student_backbone_args=recipe.student_backbone_args, run_dir=out / "run",
+                      nfe=tuple(recipe.eval.student_nfe), progress=progress)
+    student.save(out / "student")
+    ev = recipe.eval
+    report = evaluate_models(teacher, [student], tuple(ev.student_nfe), tuple(ev.teacher_nfe),
+                             tuple(ev.teacher_solvers), ev.n_samples, ev.conditional or None, ev.seed, progress)
+    report["recipe"] = recipe_to_dict(recipe)
+    report["wall_seconds"] = {"teacher": teacher_seconds, "total": time.perf_counter() - started}
+    report["machine"] = machine()
+    write_json(report, out / "report.json")
+    write_plots(report, teacher, student, out)
+    (out / "report.md").write_text(report_markdown(report, student))
+    return report
+
+
+def write_plots(report: dict, teacher: Teacher, student: Student, out: Path) -> None:
+    dataset = teacher.dataset
+    metric = quality_metric(report["results"])
+    floor = report["noise_floor"].get(metric)
+    quality_vs_nfe(report, out / "quality_vs_nfe.png", metric=metric, floor=floor)
+    n = 64 if len(dataset.data_shape) > 1 else 2000
+    label = torch.arange(n) % dataset.num_classes if dataset.num_classes else None
+    panels = {"teacher heun@35": teacher.sample(n, label=label)}
+    for nfe in sorted(student.sampling)[:3]:
+        panels[f"{student.method} student @{nfe}"] = student.sample(n, nfe, label=label)
+    if len(dataset.data_shape) > 1:
+        compare_grids(panels, out / "samples.png")
+    else:
+        scatter_2d(panels, out / "samples.png", reference=dataset.ref_x[:n])
+
+
+def report_markdown(report: dict, student: Student) -> str:
+    """A short human summary with the headline comparison, then the full table."""
+    results = report["results"]
+    metric = quality_metric(results)
+    best = best_teacher(results)
+    lines = [f"# fewstep report: {student.method} on {report['dataset']}", "",
+             f"Teacher: `{report['model']}`. Quality metric: `{metric}` (lower is better); noise floor "
+             f"{report['noise_floor'].get(metric, float('nan')):.4g} (the same metric between two real sets).", ""]
+    if best is not None:
+        lines.append(f"Teacher's best: {best['name']} with {metric} = {best[metric]:.4g} at "
+                     f"{best['sec_per_sample']:.3g} s/sample.")
+    for nfe in sorted({r["nfe"] for r in results if r["role"] == "student"}):
+        stu = best_at_nfe(results, "student", nfe)
+        base = best_at_nfe(results, "teacher", nfe)
+        if stu is None:
+            continue
+        text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}"
+        if base is not None:
+            text += f" vs best training-free solver at {nfe} NFE ({base['name']}) {base[metric]:.4g}"
+        if stu.get("speedup"):
+            text += f"; {stu['speedup']:.1f}x faster than the teacher's best"
+        lines.append(text + ".")
+    training = report.get("training", {}).get(student.name, {})
+    if training:
+        lines.append(f"\nTraining: {training['steps']} steps in {training['seconds']:.0f} s, "
+                     f"{training.get('teacher_evals') or 0:,} teacher evaluations.")
+    lines += ["", "```", format_table(report), "```", "",
+              "![samples](samples.png)", "", "![quality vs NFE](quality_vs_nfe.png)", ""]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "threads": torch.get_num_threads()}
+
+
+def describe_methods() -> str:
+    """The table printed by ``fewstep methods``."""
+    from fewstep.methods.base import NEEDS
+
+    rows = [f"{'name':<6} {'family':<12} {'needs':<14} paper"]
+    rows += [f"{m.name:<6} {m.family:<12} {m.needs:<14} {m.paper}" for m in METHODS.values()]
+    rows += ["", "needs:"] + [f"  {k:<14} {v}" for k, v in NEEDS.items()]
+    return "\n".join(rows)
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
