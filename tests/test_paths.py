@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -122,7 +123,7 @@ def test_velocity_on_path_integrates_to_the_same_endpoint():
     noise = torch.randn(128, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
     ts = torch.linspace(1 - 1e-4, 0.0, 41, dtype=DT)
     x = path.sigma(ts[0]) * noise  # = alpha(t0) * (ve_sigma(t0) * noise): the same start as the VE sampler
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+    for t, t_next in itertools.pairwise(ts):
         x = x + (t_next - t) * velocity_on_path(mixture, x, t, path)
     sigmas = path.ve_sigma(ts)
     sigmas[-1] = 0.0

@@ -1,0 +1,186 @@
+"""The self-describing model folder: a network denoiser saved so that it can be rebuilt from the folder alone.
+
+A model folder holds two files:
+
+* ``model.safetensors``: the denoiser's ``state_dict`` (backbone weights under ``backbone.``);
+* ``fewstep.json``: what is needed to rebuild and read it::
+
+    {"format": "fewstep-model", "version": 1,
+     "backbone": {"name": "mlp", "hparams": {...}},        # fewstep.nets.build_backbone(name, **hparams)
+     "denoiser": {"kind": "edm", "sigma_data": 0.5},       # fewstep.models.denoiser.denoiser_from_config
+     "path": "ve", "prediction": "edm", "time_convention": "c_noise = log(sigma) / 4",   # for readers
+     ...caller metadata: "role", "dataset", "data_shape", "normalisation", "guidance", "sampling", "method"}
+
+Folders are written atomically: into a temporary sibling ``<name>.tmp`` which then replaces ``<name>``
+(see :func:`replace_folder`), so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import Tensor
+
+from fewstep.errors import CheckpointError
+from fewstep.models.denoiser import Denoiser, denoiser_from_config
+from fewstep.nets import BACKBONES, build_backbone
+
+FORMAT = "fewstep-model"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "fewstep.json"
+RESERVED_KEYS = ("format", "version", "backbone", "denoiser", "path", "prediction", "time_convention")
+
+
+def save_model(folder: str | Path, denoiser: Denoiser, metadata: dict) -> None:
+    """Write ``denoiser`` and ``metadata`` to ``folder`` (replacing it atomically if it exists).
+
+    ``denoiser`` must be a preconditioned network (:class:`EDMDenoiser`, :class:`ConsistencyDenoiser` or
+    :class:`PathDenoiser`) around a backbone of :data:`fewstep.nets.BACKBONES`; ``metadata`` must be
+    JSON-serialisable and may not use the keys in :data:`RESERVED_KEYS`."""
+    folder = Path(folder)
+    backbone = getattr(denoiser, "backbone", None)
+    names = [name for name, cls in BACKBONES.items() if type(backbone) is cls]
+    if not names or not hasattr(denoiser, "config"):
+        raise ValueError(f"save_model saves a preconditioned network denoiser with a backbone of "
+                         f"{sorted(BACKBONES)}; got {type(denoiser).__name__}")
+    clashes = sorted(set(metadata) & set(RESERVED_KEYS))
+    if clashes:
+        raise ValueError(f"model metadata may not set {clashes}: save_model derives them from the denoiser")
+    denoiser_config = denoiser.config()
+    description = {"format": FORMAT, "version": VERSION,
+                   "backbone": {"name": names[0], "hparams": backbone.hparams},
+                   "denoiser": denoiser_config, **reading_of(denoiser_config), **metadata}
+    try:
+        text = json.dumps(description, indent=2)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model metadata must be JSON-serialisable: {error}") from error
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        safetensors.torch.save_file(tensors_for_file(denoiser.state_dict()), tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(text + "\n")
+        sync_folder(tmp)
+        replace_folder(tmp, folder, folder.with_name(folder.name + ".prev"))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_model(folder: str | Path) -> tuple[Denoiser, dict]:
+    """Rebuild the denoiser saved in ``folder`` (on the CPU, in eval mode) and return it with its description
+    (the whole ``fewstep.json``). Any problem raises :class:`CheckpointError` naming the file and the fault."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} is not a fewstep model folder: it has no {CONFIG_FILE}")
+    try:
+        description = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {one_line(error)}") from error
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        found = description.get("format") if isinstance(description, dict) else type(description).__name__
+        raise CheckpointError(f"{config_path}: format is {found!r}, expected {FORMAT!r}")
+    if description.get("version") not in range(1, VERSION + 1):
+        raise CheckpointError(f"{config_path}: version {description.get('version')!r} is not one this fewstep "
+                              f"reads (1..{VERSION})")
+    try:
+        backbone_spec, denoiser_config = description["backbone"], description["denoiser"]
+        backbone = build_backbone(backbone_spec["name"], **backbone_spec["hparams"])
+        denoiser = denoiser_from_config(backbone, denoiser_config)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{config_path}: cannot rebuild the model: {type(error).__name__}: "
+                              f"{one_line(error)}") from error
+    if not weights_path.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        weights = safetensors.torch.load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} is unreadable (truncated or corrupt?): {one_line(error)}") from error
+    check_state_fits(weights, denoiser.state_dict(), f"{weights_path} does not match {CONFIG_FILE}")
+    denoiser.load_state_dict(weights, strict=True)
+    return denoiser.eval(), description
+
+
+def reading_of(denoiser_config: dict) -> dict:
+    """Human-readable ``path``, ``prediction`` and ``time_convention`` of a denoiser config."""
+    kind = denoiser_config["kind"]
+    if kind in ("edm", "consistency"):
+        return {"path": "ve", "prediction": kind, "time_convention": "c_noise = log(sigma) / 4"}
+    if kind == "path":
+        return {"path": denoiser_config["path"]["name"], "prediction": denoiser_config["prediction"],
+                "time_convention": f"backbone time = t * {denoiser_config['time_scale']:g}"}
+    raise ValueError(f"unknown denoiser kind {kind!r}")
+
+
+def check_state_fits(loaded: dict[str, Tensor], expected: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` ``"<what>: <fault>"`` unless ``loaded`` has exactly the keys and shapes
+    of ``expected``."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
+    for key, value in expected.items():
+        if loaded[key].shape != value.shape:
+            raise CheckpointError(f"{what}: {key} has shape {tuple(loaded[key].shape)} in the file but "
+                                  f"{tuple(value.shape)} in the model")
+
+
+def tensors_for_file(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU copies safetensors can write: every entry gets its own contiguous storage, so tensors shared
+    between names (tied weights) are stored once per name and load back with a plain ``load_state_dict``."""
+    return {key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in state.items()}
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush every file in ``folder`` (and the folder itself) to disk before it is renamed into place."""
+    for path in folder.iterdir():
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(new: Path, target: Path, backup: Path) -> None:
+    """Make ``new`` become ``target`` by renames; the old ``target`` is kept as ``backup`` until ``new`` is
+    in place, then removed. After a crash, whichever of ``target`` or ``backup`` exists is complete: a
+    missing ``target`` with a ``backup`` present is restored first."""
+    if not target.exists() and backup.exists():
+        os.replace(backup, target)
+    if backup.exists():
+        shutil.rmtree(backup)
+    if target.exists():
+        os.replace(target, backup)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if backup.exists():
+            os.replace(backup, target)
+        raise
+    if backup.exists():
+        shutil.rmtree(backup)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"

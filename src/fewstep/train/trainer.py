@@ -1,0 +1,376 @@
+"""The training loop: one loop for every distillation method, and for teacher training.
+
+A *method* is a :class:`fewstep.methods.base.DistillationMethod` or any ``nn.Module`` with the same
+protocol (``phases``, ``losses``, ``after_update``, ``student_denoiser``; e.g.
+:class:`fewstep.train.teacher.TeacherTraining`). The loop knows nothing of its insides::
+
+    for step in range(start, config.steps):            # one step = one cycle over the phases
+        for phase in method.phases():                  # in order, each with its own AdamW
+            repeat phase.updates times:
+                batch  = source.batch(config.batch_size, data_generator)
+                losses = method.losses(phase.name, batch, step, noise_generator)
+                zero all grads; backward(losses["loss"]); clip; optimizer[phase].step()
+                if method.after_update(phase.name, step): reset optimizer[phase]
+        EMA of method.student_denoiser()
+
+``config.steps`` therefore counts cycles: a method with phases "fake_score" x5 and "generator" x1 makes six
+optimizer updates per step. ``step`` (the value methods see) is the 0-based cycle index; a checkpoint at
+step ``n`` holds the state after ``n`` cycles, so a resumed run's first cycle is ``step = n``.
+
+Randomness: ``torch.manual_seed(seed)`` (global RNG, e.g. dropout), a CPU generator seeded ``seed`` for
+``source.batch`` and a generator on the training device seeded ``seed + 1`` for the method's own draws
+(so a method draws with ``device=x.device``, e.g. ``torch.randn(x.shape, generator=generator, device=x.device)``).
+All three are checkpointed, so a run split by a resume is bitwise equal to an uninterrupted one, provided
+all state lives where the checkpoint sees it: the method's ``state_dict`` (parameters, buffers, and
+``get_extra_state`` for JSON-serialisable non-tensor state) and, for a source with state of its own (e.g. its
+position in an epoch), the source's optional ``state_dict()`` / ``load_state_dict(state)``.
+
+Accelerate picks the device (``cpu=True`` for ``"cpu"``) and does the backward pass and gradient clipping.
+Two awkward spots, handled explicitly: (1) the method is not passed through ``accelerator.prepare``: DDP
+synchronises gradients through ``forward()`` while methods compute losses through ``losses()``, so
+multi-process runs need that solved first and are refused here rather than silently training unsynchronised
+replicas; (2) accelerate keeps one state per process, so the first ``train`` call fixes the device for the
+whole process, and a later call asking for another device raises :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
+from fewstep.methods.base import Phase
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.io import check_state_fits, one_line
+from fewstep.train.checkpoint import (
+    Checkpoint,
+    checkpoint_folder,
+    decode_rng_state,
+    encode_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fewstep.train.ema import EMA, warmup_decay
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by all methods.
+
+    ``lr`` is the AdamW learning rate of a phase with ``lr_scale = 1``; its default suits fine-tuning a
+    student initialised from its teacher (teachers trained from scratch use 1e-3, see
+    :mod:`fewstep.train.teacher`). ``warmup_steps`` ramps every learning rate linearly over the first
+    steps. ``grad_clip`` is the maximum gradient norm of one phase update (0 disables clipping).
+    ``ema_decay`` is reached after a warm-up, see :func:`fewstep.train.ema.warmup_decay`. ``max_seconds``
+    caps this call's wall time: training stops at the first step boundary past it (and checkpoints)."""
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        checks = {
+            "steps": self.steps >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+            "warmup_steps": self.warmup_steps >= 0, "ema_decay": 0 <= self.ema_decay <= 1,
+            "log_every": self.log_every >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+            "max_seconds": self.max_seconds is None or self.max_seconds >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"train config: invalid {bad[0]} = {getattr(self, bad[0])!r}")
+
+
+@dataclass
+class TrainResult:
+    """``steps_done`` and ``seconds`` count the whole run, across resumes. ``losses`` maps
+    ``"phase/loss_name"`` to its mean over the last log window. ``ema_student`` is a copy of the student
+    denoiser holding the EMA weights, in eval mode, on the training device."""
+
+    steps_done: int
+    seconds: float
+    losses: dict[str, float]
+    ema_student: Denoiser
+    stopped_early: bool
+    teacher_evals: int | None
+    checkpoint: Path | None
+
+
+def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train ``method`` on batches from ``source`` (anything with ``batch(batch_size, generator) -> Batch``).
+
+    With ``run_dir``: checkpoints (``checkpoint/``), ``log.csv`` and, when tensorboard is installed,
+    ``tensorboard/``; with ``resume`` an existing checkpoint is continued. A non-finite loss or weight raises
+    :class:`TrainingDiverged` without checkpointing the bad state."""
+    accelerator = _accelerator(config.device)
+    device = accelerator.device
+    run_dir = None if run_dir is None else Path(run_dir)
+
+    torch.manual_seed(config.seed)
+    generators = {"data": torch.Generator().manual_seed(config.seed),
+                  "noise": torch.Generator(device=device).manual_seed(config.seed + 1)}
+    method.to(device).train()
+    student = method.student_denoiser()
+    ema = EMA(student)
+    phase_list = method.phases()
+    phases = {phase.name: phase for phase in phase_list}
+    if len(phases) != len(phase_list):
+        raise ValueError(f"{type(method).__name__}.phases() must have distinct names")
+    optimizers = {name: _optimizer(phase, config) for name, phase in phases.items()}  # lr is set every step
+
+    start, seconds_before, last_good = 0, 0.0, None
+    if run_dir is not None and resume and checkpoint_folder(run_dir) is not None:
+        checkpoint = load_checkpoint(run_dir)
+        seconds_before = _restore(checkpoint, method, source, ema, optimizers, generators)
+        start, last_good = checkpoint.step, (checkpoint.step, checkpoint.folder)
+
+    log = CSVLog(run_dir / "log.csv", keep_until_step=start) if run_dir is not None else None
+    writer = _tensorboard_writer(run_dir) if run_dir is not None else None
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", desc=type(method).__name__)
+    window: dict[str, dict[str, list[float]]] = {}
+    last_losses: dict[str, float] = {}
+    started = time.perf_counter()
+    done, stopped_early = start, False
+
+    def seconds() -> float:
+        return seconds_before + time.perf_counter() - started
+
+    def flush_window() -> None:
+        rows = [{"step": done, "phase": name, **{k: sum(v) / len(v) for k, v in values.items()},
+                 "seconds": round(seconds(), 3)} for name, values in window.items()]
+        last_losses.clear()
+        for row in rows:
+            last_losses.update({f"{row['phase']}/{k}": v for k, v in row.items() if k not in CSVLog.FIXED})
+        bar.set_postfix({row["phase"]: f"{row['loss']:.4g}" for row in rows if "loss" in row})
+        if log is not None:
+            log.append(rows)
+        if writer is not None:
+            for tag, value in last_losses.items():
+                writer.add_scalar(tag, value, done)
+        window.clear()
+
+    def save() -> tuple[int, Path]:
+        return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(), device)
+
+    try:
+        for step in range(start, config.steps):
+            warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+            for name in list(phases):
+                for group in optimizers[name].param_groups:
+                    group["lr"] = config.lr * phases[name].lr_scale * warmup
+                for _ in range(phases[name].updates):
+                    losses = _update(method, phases[name], optimizers[name], source, step, generators, config,
+                                     accelerator, last_good)
+                    for key, value in losses.items():
+                        window.setdefault(name, {}).setdefault(key, []).append(value)
+                    if method.after_update(name, step):
+                        phases[name] = {phase.name: phase for phase in method.phases()}[name]
+                        optimizers[name] = _optimizer(phases[name], config, warmup)
+            ema.update(student, warmup_decay(config.ema_decay, step))
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0:
+                flush_window()
+            out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
+            stopped_early = out_of_time and done < config.steps
+            if run_dir is not None and (done % config.checkpoint_every == 0 or stopped_early):
+                last_good = save()
+            if stopped_early:
+                bar.write(f"stopped early at step {done} of {config.steps}: max_seconds={config.max_seconds} reached")
+                break
+        if window:
+            flush_window()
+        if run_dir is not None and (last_good is None or last_good[0] != done):
+            last_good = save()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    method.zero_grad(set_to_none=True)
+    ema_student = copy.deepcopy(student)
+    ema.copy_to(ema_student)
+    teacher_evals = getattr(method, "teacher_evals", None)
+    return TrainResult(
+        steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
+        stopped_early=stopped_early, teacher_evals=None if teacher_evals is None else int(teacher_evals),
+        checkpoint=None if last_good is None else last_good[1])
+
+
+def _accelerator(device: str) -> Accelerator:
+    """accelerate's process-wide state for ``device``, refusing what this loop cannot do."""
+    try:
+        accelerator = Accelerator(cpu=device == "cpu")
+    except ValueError as error:  # the process's accelerate state was set up for another device
+        raise ConfigError(f"train config: device {device!r}: an earlier run set this process up for another "
+                          f"device (accelerate allows one per process): {one_line(error)}") from error
+    if accelerator.num_processes > 1:
+        raise ConfigError("multi-process training is not supported yet: run fewstep in a single process")
+    if accelerator.device.type != torch.device(device).type:
+        raise ConfigError(f"train config: device {device!r} is not available in this process (accelerate chose "
+                          f"{accelerator.device}; the first run fixes the device for the whole process)")
+    return accelerator
+
+
+def _optimizer(phase: Phase, config: TrainConfig, warmup: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(phase.parameters, lr=config.lr * phase.lr_scale * warmup, betas=config.betas,
+                             weight_decay=config.weight_decay)
+
+
+def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, source, step: int,
+            generators: dict[str, torch.Generator], config: TrainConfig, accelerator: Accelerator,
+            last_good: tuple[int, Path] | None) -> dict[str, float]:
+    """One optimizer update of ``phase``; returns its losses as floats. Gradients of every parameter are
+    cleared first, so a phase never steps with gradients another phase's loss left behind."""
+    batch = source.batch(config.batch_size, generators["data"]).to(accelerator.device)
+    losses = method.losses(phase.name, batch, step, generators["noise"])
+    values = dict(zip(losses, torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist(),
+                      strict=True))
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': loss '{key}' is "
+                                   f"{value}; {_last_good(last_good)}")
+    method.zero_grad(set_to_none=True)
+    accelerator.backward(losses["loss"])
+    if config.grad_clip > 0:
+        accelerator.clip_grad_norm_(phase.parameters, config.grad_clip)
+    optimizer.step()
+    if not torch.stack([p.isfinite().all() for p in phase.parameters]).all():
+        raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': its weights became "
+                               f"non-finite (loss {values['loss']:.4g}); {_last_good(last_good)}")
+    return values
+
+
+def _last_good(last_good: tuple[int, Path] | None) -> str:
+    if last_good is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint is {last_good[1]} (step {last_good[0]})"
+
+
+def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
+          optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
+          config: TrainConfig, seconds: float, device: torch.device) -> Path:
+    """Checkpoint tensors as ``method.*``, ``ema.*`` and ``source.*``; non-tensor entries of the method's and
+    the source's state go to ``state.json`` and must be JSON-serialisable."""
+    method_tensors, method_extra = _split_tensors(method.state_dict())
+    source_tensors, source_extra = _split_tensors(source.state_dict() if hasattr(source, "state_dict") else {})
+    tensors = {f"method.{k}": v for k, v in method_tensors.items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
+    rng = {name: encode_rng_state(generator.get_state()) for name, generator in generators.items()}
+    rng["torch"] = encode_rng_state(torch.get_rng_state())
+    if device.type == "cuda":
+        rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
+    state = {"method": type(method).__name__, "seconds": seconds, "rng": rng, "config": asdict(config),
+             "method_extra": method_extra, "source_extra": source_extra}
+    return save_checkpoint(run_dir, step, tensors, {name: opt.state_dict() for name, opt in optimizers.items()},
+                           state)
+
+
+def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, everything else)`` of a state dict."""
+    return ({k: v for k, v in state.items() if isinstance(v, Tensor)},
+            {k: v for k, v in state.items() if not isinstance(v, Tensor)})
+
+
+def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
+             optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator]) -> float:
+    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds."""
+    folder, state = checkpoint.folder, checkpoint.state
+    if state.get("method") != type(method).__name__:
+        raise CheckpointError(f"{folder} was written by method {state.get('method')!r}, not "
+                              f"{type(method).__name__!r}: use another run directory or resume=False")
+    tensors = {prefix: {k.removeprefix(f"{prefix}."): v for k, v in checkpoint.tensors.items()
+                        if k.startswith(f"{prefix}.")} for prefix in ("method", "ema", "source")}
+    check_state_fits(tensors["method"], _split_tensors(method.state_dict())[0],
+                     f"{folder}: the method's weights do not fit")
+    check_state_fits(tensors["ema"], ema.state_dict(), f"{folder}: the EMA weights do not fit")
+    if set(checkpoint.optimizer_states) != set(optimizers):
+        raise CheckpointError(f"{folder}: optimizer phases {sorted(checkpoint.optimizer_states)} differ from the "
+                              f"method's {sorted(optimizers)}")
+    try:
+        method.load_state_dict(tensors["method"] | state["method_extra"], strict=True)
+        ema.load_state_dict(tensors["ema"])
+        if hasattr(source, "load_state_dict"):
+            source.load_state_dict(tensors["source"] | state["source_extra"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(checkpoint.optimizer_states[name])
+        for name, generator in generators.items():
+            generator.set_state(decode_rng_state(state["rng"][name]))
+        torch.set_rng_state(decode_rng_state(state["rng"]["torch"]))
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(decode_rng_state(state["rng"]["cuda"]))
+        return float(state["seconds"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{folder} cannot be restored: {type(error).__name__}: {one_line(error)}") from error
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A SummaryWriter into ``run_dir/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class CSVLog:
+    """``log.csv``: one row per phase and log window with ``step``, ``phase``, the window mean of each loss
+    and ``seconds``. A new loss name widens the header (the file is rewritten); rows after
+    ``keep_until_step`` (left by a run that died after its last checkpoint) are dropped on opening."""
+
+    FIXED = ("step", "phase", "seconds")
+
+    def __init__(self, path: Path, keep_until_step: int):
+        self.path = path
+        rows = [row for row in self._read() if (row.get("step") or "").isdigit()
+                and int(row["step"]) <= keep_until_step]
+        self.fields = self._fields({key for row in rows for key in row})
+        self._rewrite(rows)
+
+    def append(self, rows: list[dict]) -> None:
+        keys = {key for row in rows for key in row}
+        if not keys <= set(self.fields):
+            old = self._read()
+            self.fields = self._fields(keys | set(self.fields))
+            self._rewrite(old)
+        with open(self.path, "a", newline="") as file:
+            csv.DictWriter(file, self.fields).writerows(rows)
+
+    def _fields(self, keys: set[str]) -> list[str]:
+        return ["step", "phase", *sorted(k for k in keys if k is not None and k not in self.FIXED), "seconds"]
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as file:
+            return list(csv.DictReader(file))
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as file:
+            writer = csv.DictWriter(file, self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)

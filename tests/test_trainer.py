@@ -1,0 +1,314 @@
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
+from fewstep.methods.base import Batch, DistillationMethod, MethodConfig, Phase
+from fewstep.models.analytic import ring_mixture
+from fewstep.models.denoiser import EDMDenoiser
+from fewstep.nets import MLP
+from fewstep.train.checkpoint import load_checkpoint, save_checkpoint
+from fewstep.train.ema import EMA, warmup_decay
+from fewstep.train.trainer import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Points:
+    """A stateful source: a fixed set of ring points in order (its position is checkpointed), plus jitter
+    drawn from the trainer's data generator."""
+
+    def __init__(self, n: int = 48):
+        self.x = ring_mixture().sample(n, torch.Generator().manual_seed(0)).float()
+        self.position = 0
+
+    def batch(self, batch_size, generator):
+        index = (self.position + torch.arange(batch_size)) % self.x.shape[0]
+        self.position = (self.position + batch_size) % self.x.shape[0]
+        return Batch(x0=self.x[index] + 0.01 * torch.randn(batch_size, 2, generator=generator))
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+class Regression(DistillationMethod):
+    """Regress the student onto the exact ring denoiser at random noise levels; ``fault_at`` makes the loss
+    NaN (``"loss"``) or the gradient NaN with a finite loss (``"weights"``) at that step."""
+
+    name = "test_regression"
+
+    def __init__(self, fault_at: int | None = None, fault: str = "loss"):
+        torch.manual_seed(0)
+        super().__init__(ring_mixture(), EDMDenoiser(MLP((2,), width=16, depth=1, emb_dim=8), 1.4), MethodConfig())
+        self.fault_at, self.fault = fault_at, fault
+        self.teacher_evals = 0
+
+    def losses(self, phase, batch, step, generator):
+        x0 = batch.x0
+        s = torch.exp(torch.randn(x0.shape[0], generator=generator, device=x0.device))
+        x = x0 + s[:, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
+        target = self.teacher(x, s)
+        self.teacher_evals += x0.shape[0]
+        loss = ((self.student(x, s) - target) ** 2).mean()
+        if step == self.fault_at and self.fault == "loss":
+            loss = loss * torch.tensor(float("nan"))
+        if step == self.fault_at and self.fault == "weights":
+            weight = self.student.backbone.input.weight
+            loss = loss + torch.sqrt((weight - weight.detach()).abs()).sum()  # finite value, NaN gradient
+        return {"loss": loss, "s_mean": s.mean()}
+
+
+def config(**changes) -> TrainConfig:
+    settings = {"steps": 20, "batch_size": 16, "lr": 1e-2, "log_every": 5, "checkpoint_every": 10,
+                "ema_decay": 0.9, "seed": 3}
+    return TrainConfig(**(settings | changes))
+
+
+def all_weights(method: nn.Module, result) -> dict[str, torch.Tensor]:
+    return method.state_dict() | {f"ema.{k}": v for k, v in result.ema_student.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def read_log(run_dir):
+    with open(run_dir / "log.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_training_reduces_the_loss_and_logs(tmp_path):
+    method = Regression()
+    result = train(method, Points(), config(steps=200, batch_size=64, log_every=50), tmp_path, progress=True)
+    rows = read_log(tmp_path)
+    assert list(rows[0]) == ["step", "phase", "loss", "s_mean", "seconds"]
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200]
+    assert result.losses["student/loss"] == pytest.approx(float(rows[-1]["loss"]))
+    assert result.losses["student/loss"] < 0.5 * float(rows[0]["loss"])
+    assert result.steps_done == 200 and not result.stopped_early and result.seconds > 0
+    assert result.teacher_evals == 200 * 64
+    assert result.checkpoint == tmp_path / "checkpoint" and load_checkpoint(tmp_path).step == 200
+    assert not result.ema_student.training
+
+
+def test_same_seed_gives_bitwise_identical_weights():
+    runs = []
+    for seed in (3, 3, 4):
+        method = Regression()
+        runs.append(all_weights(method, train(method, Points(), config(seed=seed), None, progress=False)))
+    assert_bitwise_equal(runs[0], runs[1])
+    assert not torch.equal(runs[0]["student.backbone.input.weight"], runs[2]["student.backbone.input.weight"])
+
+
+def test_ema_student_holds_the_averaged_weights():
+    method = Regression()
+    result = train(method, Points(), config(ema_decay=0.0), None, progress=False)
+    assert_bitwise_equal(result.ema_student.state_dict(), method.student.state_dict())
+    method = Regression()
+    result = train(method, Points(), config(ema_decay=0.9), None, progress=False)
+    ema, live = result.ema_student.backbone.input.weight, method.student.backbone.input.weight
+    assert not torch.equal(ema, live) and result.ema_student is not method.student
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    method = Regression()
+    whole = all_weights(method, train(method, Points(), config(steps=40), tmp_path / "whole", progress=False))
+    first = Regression()
+    half = train(first, Points(), config(steps=25), tmp_path / "split", progress=False)
+    assert half.steps_done == 25 and load_checkpoint(tmp_path / "split").step == 25
+    second = Regression()  # fresh objects: everything must come from the checkpoint
+    resumed = train(second, Points(), config(steps=40), tmp_path / "split", progress=False)
+    assert resumed.steps_done == 40
+    assert_bitwise_equal(whole, all_weights(second, resumed))
+    assert [int(r["step"]) for r in read_log(tmp_path / "split")] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_resume_false_starts_over(tmp_path):
+    train(Regression(), Points(), config(steps=10), tmp_path, progress=False)
+    method = Regression()
+    result = train(method, Points(), config(steps=10), tmp_path, resume=False, progress=False)
+    reference = Regression()
+    assert_bitwise_equal(all_weights(method, result),
+                         all_weights(reference, train(reference, Points(), config(steps=10), None, progress=False)))
+    assert [int(r["step"]) for r in read_log(tmp_path)] == [5, 10]
+
+
+def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path):
+    with pytest.raises(TrainingDiverged) as error:
+        train(Regression(fault_at=7), Points(), config(checkpoint_every=3, log_every=1), tmp_path, progress=False)
+    message = str(error.value)
+    assert "step 7" in message and "phase 'student'" in message and "loss 'loss' is nan" in message
+    assert f"{tmp_path / 'checkpoint'} (step 6)" in message
+    assert load_checkpoint(tmp_path).step == 6
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.prev").exists()
+    # the last good checkpoint resumes to exactly the run that never diverged; log rows after it are dropped
+    method = Regression()
+    resumed = train(method, Points(), config(checkpoint_every=3, log_every=1), tmp_path, progress=False)
+    reference = Regression()
+    clean = train(reference, Points(), config(checkpoint_every=3, log_every=1), None, progress=False)
+    assert_bitwise_equal(all_weights(method, resumed), all_weights(reference, clean))
+    assert [int(r["step"]) for r in read_log(tmp_path)] == list(range(1, 21))
+
+
+def test_non_finite_weights_stop_training(tmp_path):
+    with pytest.raises(TrainingDiverged, match="step 4, phase 'student': its weights became non-finite"):
+        train(Regression(fault_at=4, fault="weights"), Points(), config(), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint").exists()
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(Regression(fault_at=4, fault="weights"), Points(), config(grad_clip=0.0), None, progress=False)
+
+
+def test_max_seconds_stops_at_a_step_boundary_and_resumes(tmp_path):
+    result = train(Regression(), Points(), config(max_seconds=0.0), tmp_path, progress=False)
+    assert result.stopped_early and result.steps_done == 1 and load_checkpoint(tmp_path).step == 1
+    result = train(Regression(), Points(), config(), tmp_path, progress=False)
+    assert not result.stopped_early and result.steps_done == 20
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(3.0)), nn.Parameter(torch.tensor(-1.0))
+
+
+class TwoPhases(nn.Module):
+    """Phase "a" (2 updates, half learning rate) fits a; phase "b" fits b but its loss also pulls on a;
+    "b"'s optimizer is reset after step 3. Any method-like nn.Module works with the trainer."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = Pair()
+        self.calls = []
+
+    def phases(self):
+        return [Phase("a", [self.pair.a], updates=2, lr_scale=0.5), Phase("b", [self.pair.b])]
+
+    def losses(self, phase, batch, step, generator):
+        self.calls.append((phase, step))
+        if phase == "a":
+            return {"loss": (self.pair.a - 1) ** 2}
+        return {"loss": (self.pair.b - 2) ** 2 + 10 * self.pair.a**2, "b_error": (self.pair.b - 2).abs()}
+
+    def after_update(self, phase, step):
+        return phase == "b" and step == 3
+
+    def student_denoiser(self):
+        return self.pair
+
+
+class Zeros:
+    def batch(self, batch_size, generator):
+        return Batch(x0=torch.zeros(batch_size, 1))
+
+
+def test_phases_run_in_order_with_their_own_optimizers(tmp_path):
+    method = TwoPhases()
+    result = train(method, Zeros(), config(steps=6, lr=0.1, grad_clip=0.0), tmp_path, progress=False)
+    assert method.calls[:6] == [("a", 0), ("a", 0), ("b", 0), ("a", 1), ("a", 1), ("b", 1)]
+    assert len(method.calls) == 18
+    # "a" never sees the gradient "b"'s loss leaves on it: it follows plain AdamW on its own loss
+    a = nn.Parameter(torch.tensor(3.0))
+    optimizer = torch.optim.AdamW([a], lr=0.05, weight_decay=0.0)
+    for _ in range(12):
+        optimizer.zero_grad()
+        ((a - 1) ** 2).backward()
+        optimizer.step()
+    assert torch.equal(method.pair.a.detach(), a.detach())
+    optimizers = load_checkpoint(tmp_path).optimizer_states
+    assert optimizers["a"]["state"][0]["step"] == 12 and optimizers["b"]["state"][0]["step"] == 2
+    assert optimizers["a"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+    assert set(result.losses) == {"a/loss", "b/loss", "b/b_error"}
+    assert list(read_log(tmp_path)[0]) == ["step", "phase", "b_error", "loss", "seconds"]
+
+
+def test_resume_refuses_another_method(tmp_path):
+    train(Regression(), Points(), config(steps=2), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="written by method 'Regression', not 'TwoPhases'"):
+        train(TwoPhases(), Zeros(), config(steps=4), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("changes, field", [({"steps": -1}, "steps"), ({"batch_size": 0}, "batch_size"),
+                                            ({"ema_decay": 1.5}, "ema_decay"), ({"betas": (0.9,)}, "betas")])
+def test_bad_config_is_refused(changes, field):
+    with pytest.raises(ConfigError, match=f"invalid {field}"):
+        config(**changes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused():
+    with pytest.raises(ConfigError, match="device 'cuda' is not available"):
+        train(Regression(), Points(), config(device="cuda"), None, progress=False)
+
+
+def test_ema_update_and_warmup():
+    module = nn.BatchNorm1d(2)
+    ema = EMA(module)
+    before = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    module.running_mean.fill_(5.0)
+    ema.update(module, decay=0.75)
+    assert torch.allclose(ema.state_dict()["weight"], 0.75 * before + 0.25 * (before + 1))
+    assert torch.equal(ema.state_dict()["running_mean"], module.running_mean)  # buffers are copied
+    target = nn.BatchNorm1d(2)
+    ema.copy_to(target)
+    assert torch.allclose(target.weight, before + 0.25)
+    assert warmup_decay(0.999, 0) == pytest.approx(0.1) and warmup_decay(0.999, 10**6) == 0.999
+
+
+def test_checkpoint_files_and_corruption(tmp_path):
+    tensors = {"method.w": torch.arange(6.0).reshape(2, 3), "ema.w": torch.ones(2, 3)}
+    optim = {"student": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    save_checkpoint(tmp_path, 7, tensors, optim, {"seconds": 1.5})
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["optim.pt", "state.json",
+                                                                          "weights.safetensors"]
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.step == 7 and loaded.state == {"seconds": 1.5}
+    assert_bitwise_equal(loaded.tensors, tensors)
+    assert loaded.optimizer_states["student"]["param_groups"][0]["lr"] == 0.1
+
+    with pytest.raises(TypeError):  # not JSON-serialisable: nothing is replaced, nothing left behind
+        save_checkpoint(tmp_path, 8, tensors, optim, {"seconds": object()})
+    assert load_checkpoint(tmp_path).step == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.prev")  # a crash between the two renames
+    assert load_checkpoint(tmp_path).step == 7
+    save_checkpoint(tmp_path, 9, tensors, optim, {"seconds": 2.0})
+    assert load_checkpoint(tmp_path).step == 9 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+    weights = tmp_path / "checkpoint" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors is missing or corrupt"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, 9, tensors, optim, {"seconds": 2.0})
+    (tmp_path / "checkpoint" / "optim.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"optim\.pt is missing or corrupt"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, 9, tensors, optim, {"seconds": 2.0})
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": 9}))
+    with pytest.raises(CheckpointError, match="not a fewstep training checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
+    train(Regression(), Points(), config(steps=2), tmp_path, progress=False)
+    (tmp_path / "checkpoint" / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors is missing or corrupt"):
+        train(Regression(), Points(), config(steps=4), tmp_path, progress=False)
