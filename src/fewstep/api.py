@@ -38,7 +38,9 @@ from fewstep.solvers import ode_endpoint, sample, solver_sigmas
 from fewstep.train.teacher import TeacherConfig, train_teacher
 from fewstep.train.trainer import TrainConfig, TrainResult, train
 
-BEST_TEACHER_NFE = 35  # Heun with 18 levels: EDM's default budget, the teacher's "best quality" setting
+# The teacher's default sampler, against which student speedups are reported: Heun with 18 levels, EDM's
+# default budget. Reports also give the speedup against the best-measured teacher row (``speedup_vs_best``).
+BEST_TEACHER_NFE = 35
 
 
 def default_backbone_args(dataset: DatasetSpec) -> dict:
@@ -280,7 +282,7 @@ def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tupl
         tolerance = float((coarse - fine).flatten(1).norm(dim=1).mean())
     report = evaluate(dataset, candidates, n_samples=n_samples, seed=seed, exact_endpoint=exact,
                       conditional=conditional, progress=progress, model=teacher.name,
-                      endpoint_tolerance=tolerance)
+                      endpoint_tolerance=tolerance, speedup_reference=f"teacher/heun@{BEST_TEACHER_NFE}")
     for student in students:
         if student.train_result is not None:
             report.setdefault("training", {})[student.name] = {

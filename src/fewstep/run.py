@@ -16,7 +16,7 @@ import torch
 from fewstep.api import Student, Teacher, build_method, distill, evaluate_models
 from fewstep.config import Recipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
-from fewstep.errors import ConfigError
+from fewstep.errors import ConfigError, DataError
 from fewstep.eval.evaluate import best_at_nfe, best_teacher, format_table, quality_metric, write_json
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.guidance import CONVENTIONS
@@ -27,7 +27,7 @@ from fewstep.solvers import TEACHER_SOLVERS
 
 def check_recipe(recipe: Recipe) -> None:
     """Refuse a recipe that cannot run, naming the key to fix. Writes nothing."""
-    load_dataset(recipe.dataset)
+    dataset = load_dataset(recipe.dataset)
     if recipe.method not in METHODS:
         raise ConfigError(f"method: unknown method {recipe.method!r}; available: {', '.join(sorted(METHODS))}")
     build_dataclass(METHODS[recipe.method].Config, recipe.method_args, "method_args")
@@ -35,7 +35,10 @@ def check_recipe(recipe: Recipe) -> None:
     if source not in ("analytic", "train") and not Path(source).exists():
         raise ConfigError(f"teacher.source: no model folder at {source!r} (or use 'analytic' / 'train')")
     if source not in ("analytic", "train"):
-        load_model(source)
+        teacher, _ = load_model(source)
+        if tuple(teacher.data_shape) != tuple(dataset.data_shape):
+            raise DataError(f"teacher.source {source!r} makes samples of shape {tuple(teacher.data_shape)} but "
+                            f"dataset {dataset.name!r} has shape {tuple(dataset.data_shape)}")
     if recipe.teacher.guidance_convention not in CONVENTIONS:
         raise ConfigError(f"teacher.guidance_convention must be one of {CONVENTIONS}")
     unknown = [s for s in recipe.eval.teacher_solvers if s not in TEACHER_SOLVERS]
@@ -119,7 +122,9 @@ def report_markdown(report: dict, student: Student) -> str:
         if base is not None:
             text += f" vs best training-free solver at {nfe} NFE ({base['name']}) {base[metric]:.4g}"
         if stu.get("speedup"):
-            text += f"; {stu['speedup']:.1f}x faster than the teacher's best"
+            text += (f"; {stu['speedup']:.1f}x faster than the teacher's default sampler "
+                     f"({report['speedup_reference']}), {stu['speedup_vs_best']:.1f}x faster than its "
+                     f"best-measured setting ({report['best_teacher']})")
         lines.append(text + ".")
     training = report.get("training", {}).get(student.name, {})
     if training:

@@ -47,7 +47,8 @@ class Candidate:
 def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int | None = None, seed: int = 0,
              exact_endpoint: Callable[[Tensor, Tensor | None], Tensor] | None = None, conditional: bool = False,
              progress: bool = True, *, model: str = "", endpoint_tolerance: float | None = None,
-             device: str | torch.device = "cpu", timing_batch: int = 256, timing_repeats: int = 3) -> dict:
+             device: str | torch.device = "cpu", timing_batch: int = 256, timing_repeats: int = 3,
+             speedup_reference: str | None = None) -> dict:
     """Measure every candidate on the same seeded noise (and labels) and return a JSON-able report.
 
     Args:
@@ -59,6 +60,9 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
             reported as ``noise_floor["exact_endpoint_error"]``.
         device: where noise, labels and generators live; samples are measured on the CPU.
         timing_batch: batch size of the speed and memory measurement (at most ``n_samples``).
+        speedup_reference: name of the teacher row that student ``speedup`` is measured against (e.g. the
+            teacher's default sampler); by default the teacher row with the best quality. Student rows also
+            carry ``speedup_vs_best``, against the best-quality teacher row, whichever the reference.
     """
     _check_candidates(candidates)
     is_digits = tuple(dataset.data_shape) == digits.DIGITS_SHAPE
@@ -112,10 +116,17 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
             "peak_memory_bytes": peak_memory(draw_batch, device),
         })
 
-    teacher = best_teacher(results)
+    best = best_teacher(results)
+    teacher = best
+    if speedup_reference is not None:
+        named = [row for row in results if row["name"] == speedup_reference and row["role"] == "teacher"]
+        if not named:
+            raise ConfigError(f"speedup_reference {speedup_reference!r} is not a teacher candidate")
+        teacher = named[0]
     for row in results:
         if row["role"] == "student":
             row["speedup"] = teacher["sec_per_sample"] / row["sec_per_sample"] if teacher is not None else None
+            row["speedup_vs_best"] = best["sec_per_sample"] / row["sec_per_sample"] if best is not None else None
 
     if is_digits:
         floor_n = min(n, len(dataset.train_x))
@@ -135,6 +146,7 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
         "seed": seed,
         "conditional": conditional,
         "speedup_reference": teacher["name"] if teacher is not None else None,
+        "best_teacher": best["name"] if best is not None else None,
         "results": results,
         "noise_floor": noise_floor,
         "reference": reference,

@@ -89,6 +89,11 @@ class ProgressiveDistillation(DistillationMethod):
         x0 = self.round_teacher(x, s, label)
         return x0 + bcast(s_next / s, x) * (x - x0)
 
+    def two_step_target(self, x: Tensor, s: Tensor, s_mid: Tensor, s_next: Tensor, label: Tensor | None) -> Tensor:
+        """The x0 whose single DDIM step ``s -> s_next`` lands where two teacher DDIM steps land."""
+        x_next = self.ddim_step(self.ddim_step(x, s, s_mid, label), s_mid, s_next, label)
+        return (bcast(s, x) * x_next - bcast(s_next, x) * x) / bcast(s - s_next, x)
+
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         x0, label = batch.x0, batch.label
         fine = self.grid(2 * self.student_steps).to(x0)
@@ -97,9 +102,7 @@ class ProgressiveDistillation(DistillationMethod):
         eps = torch.randn(x0.shape, generator=generator).to(x0)
         x = x0 + bcast(s, x0) * eps
         with torch.no_grad():
-            x_mid = self.ddim_step(x, s, s_mid, label)
-            x_next = self.ddim_step(x_mid, s_mid, s_next, label)
-            target = (bcast(s, x) * x_next - bcast(s_next, x) * x) / bcast(s - s_next, x)
+            target = self.two_step_target(x, s, s_mid, s_next, label)
         self.teacher_evals += 2 * x0.shape[0]
         weight = self.student.sigma_data**2 / s**2 + 1.0
         error = (self.student(x, s, label) - target).flatten(1).pow(2).mean(1)

@@ -1,0 +1,97 @@
+"""The command line: bad input exits with status 2, one line naming the thing to fix, and writes nothing."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.models.denoiser import EDMDenoiser
+from fewstep.models.io import save_model
+from fewstep.nets import MLP
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def digits_teacher_folder(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "teacher"
+    save_model(folder, EDMDenoiser(MLP((1, 8, 8), width=32, depth=1, num_classes=10), 0.75),
+               {"role": "teacher", "dataset": "digits", "data_shape": [1, 8, 8]})
+    return folder
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["distill", f"out={out}", "train.stepz=10"], capsys)
+    assert_one_line_error(code, err, "train.stepz", "valid keys")
+    assert not out.exists()
+
+
+def test_unknown_key_in_a_recipe_file_and_wrong_type(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dataset: ring8\nmethod: cd\nout: {tmp_path / 'run'}\ntrain:\n  steps: many\n")
+    code, _, err = run_cli(["distill", str(recipe)], capsys)
+    assert_one_line_error(code, err, "train.steps", "int")
+    recipe.write_text("dataset: ring8\nmethod_args:\n  num_scale: 10\n")
+    code, _, err = run_cli(["distill", str(recipe)], capsys)
+    assert_one_line_error(code, err, "method_args.num_scale")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    code, _, err = run_cli(["distill", str(tmp_path / "nope.yaml")], capsys)
+    assert_one_line_error(code, err, "nope.yaml")
+
+
+def test_corrupt_checkpoint(tmp_path, capsys, digits_teacher_folder):
+    weights = digits_teacher_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "samples.png"
+    code, _, err = run_cli(["sample", "--model", str(digits_teacher_folder), "--out", str(out)], capsys)
+    assert_one_line_error(code, err, "model.safetensors")
+    assert not out.exists()
+    code, _, err = run_cli(["distill", f"out={tmp_path / 'run'}", f"teacher.source={digits_teacher_folder}"],
+                           capsys)
+    assert_one_line_error(code, err, "model.safetensors")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_data_shape(tmp_path, capsys, digits_teacher_folder):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["distill", "dataset=ring8", f"teacher.source={digits_teacher_folder}", f"out={out}"],
+                           capsys)
+    assert_one_line_error(code, err, "(1, 8, 8)", "ring8", "(2,)")
+    assert not out.exists()
+
+
+def test_sample_from_a_saved_teacher_writes_a_grid(tmp_path, capsys, digits_teacher_folder):
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run_cli(["sample", "--model", str(digits_teacher_folder), "--nfe", "3", "-n", "8",
+                               "--out", str(out)], capsys)
+    assert code == 0 and out.stat().st_size > 0 and "3 NFE" in stdout
+
+
+def test_methods_lists_the_registry(capsys):
+    code, stdout, _ = run_cli(["methods"], capsys)
+    assert code == 0 and "cd" in stdout and "pd" in stdout and "Consistency Models" in stdout
+
+
+def test_console_script_exit_code_is_two():
+    done = subprocess.run([sys.executable, "-m", "fewstep.cli", "distill", "train.stepz=1"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
