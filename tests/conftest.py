@@ -1,4 +1,9 @@
 import pytest
+import torch
+
+# The test models are tiny: one intra-op thread is as fast as two and does not collapse when another
+# process shares the CPU cores (oversubscribed OpenMP threads made steps up to 30x slower here).
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

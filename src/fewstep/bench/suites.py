@@ -1,0 +1,99 @@
+"""Benchmark suites: which teachers every method is distilled from, and the equal budget each method gets.
+
+A :class:`Suite` is one table of ``BENCHMARKS.md``. Every method in a suite gets the same number of *teacher
+evaluations* (one denoiser call on one sample counts one, whether or not the call is guided), converted to
+training steps per method from what the method spends per step (CD and PD each make two teacher calls per
+training sample: CD one Heun step, PD two DDIM steps). ``max_seconds`` caps each cell's training wall time;
+a capped cell reports the teacher evaluations it actually used.
+
+Per-method choices, the same in every suite:
+
+* CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance).
+* PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
+  the halving rounds (``steps_per_round = steps // rounds``). Its 1- and 2-NFE cells use the 4-step student
+  on the coarser nested grids, with no training for them: going below 4 steps would cost PD more rounds
+  from the same budget, so the table shows what the budget buys at 4 and what it gives at fewer steps.
+
+Trained teachers come from the cache (:meth:`fewstep.Teacher.cached`), with fixed recipes: the digits
+teacher uses the default arguments, so it is the one ``fewstep demo`` trains and reuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUITE_NAMES = ("quick", "full")
+
+
+@dataclass
+class Suite:
+    """One leaderboard table: a teacher, how it is measured, and the budget every method gets.
+
+    ``teacher`` is ``"analytic"`` (the dataset's exact mixture) or ``"train"`` (``Teacher.cached(dataset,
+    **teacher_args)``). ``quality`` is the metric that ranks rows (lower is better): ``"fd"`` (FD-digits) for
+    digits, ``"swd"`` (sliced Wasserstein) for 2-D sets, where the NLL of samples under the true density is
+    shown beside it but cannot rank (a student that collapses onto the modes' centres scores better than
+    real data). ``method_args`` holds per-method arguments; PD's ``steps_per_round`` is added from the budget
+    by :func:`method_args`."""
+
+    name: str
+    dataset: str
+    teacher: str
+    teacher_eval_budget: int
+    quality: str
+    max_seconds: float
+    teacher_args: dict = field(default_factory=dict)
+    conditional: bool = False
+    guidance_scale: float = 1.0
+    guidance_convention: str = "cfg"
+    nfe: tuple[int, ...] = (1, 2, 4)
+    teacher_nfe: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    n_samples: int | None = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    student_backbone_args: dict = field(default_factory=dict)
+    method_args: dict[str, dict] = field(default_factory=dict)
+
+
+def steps_for_budget(budget: int, teacher_evals_per_sample: float, batch_size: int) -> int:
+    """Training steps that spend ``budget`` teacher evaluations at ``teacher_evals_per_sample`` per training
+    sample and step (at least one step)."""
+    if teacher_evals_per_sample <= 0:
+        raise ValueError(f"teacher evaluations per sample must be positive, got {teacher_evals_per_sample}")
+    return max(1, int(budget // (teacher_evals_per_sample * batch_size)))
+
+
+def method_args(suite: Suite, method: str, steps: int) -> dict:
+    """The arguments of ``method`` in a cell of ``suite`` trained for ``steps`` steps."""
+    args = dict(suite.method_args.get(method, {}))
+    if method == "pd":
+        rounds = (args["start_steps"] // args["final_steps"]).bit_length() - 1  # halvings to final_steps
+        args["steps_per_round"] = max(1, steps // rounds)
+    return args
+
+
+TWO_D_STUDENT = {"width": 128, "depth": 3}
+CHECKERBOARD_TEACHER = {"steps": 3000}  # a fixed recipe: the cached teacher is reused by every run
+
+
+def _suites(scale: str) -> list[Suite]:
+    quick = scale == "quick"
+    pd = {"pd": {"start_steps": 32 if quick else 64, "final_steps": 4}}
+    two_d = {"teacher_nfe": (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64),
+             "n_samples": 2000 if quick else 5000, "max_seconds": 120.0 if quick else 900.0,
+             "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT, "method_args": pd}
+    digits = {"teacher": "train", "quality": "fd", "conditional": True, "lr": 2e-4, "method_args": pd,
+              "teacher_nfe": (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64),
+              "teacher_eval_budget": 120_000 if quick else 1_500_000, "max_seconds": 150.0 if quick else 1200.0}
+    return [
+        Suite("ring8", "ring8", "analytic", 300_000 if quick else 2_500_000, "swd", **two_d),
+        Suite("grid25_imbalanced", "grid25_imbalanced", "analytic", 300_000 if quick else 2_500_000, "swd",
+              **two_d),
+        Suite("checkerboard", "checkerboard", "train", 200_000 if quick else 2_000_000, "swd",
+              teacher_args=CHECKERBOARD_TEACHER, **two_d),
+        Suite("digits", "digits", **digits),
+        Suite("digits_cfg", "digits", guidance_scale=2.0, **digits),
+    ]
+
+
+SUITES: dict[str, list[Suite]] = {name: _suites(name) for name in SUITE_NAMES}
