@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(handler=cmd_eval)
 
+    bench = commands.add_parser("bench", help="leaderboard: every method on the same teachers and budget")
+    bench.add_argument("--suite", default="quick", choices=["quick", "full"],
+                       help="quick (< 20 min on 2 cores) or full (< 3 h)")
+    bench.add_argument("--methods", nargs="+", default=None, metavar="NAME", help="only these methods")
+    bench.add_argument("--out", default="benchmarks", help="output folder (default benchmarks)")
+    bench.add_argument("--json", default=None, help="JSON results path (default OUT/benchmarks.json)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(handler=cmd_bench)
+
     methods = commands.add_parser("methods", help="list the registered methods")
     methods.set_defaults(handler=cmd_methods)
     return parser
@@ -184,6 +194,18 @@ def cmd_eval(args) -> None:
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
+
+
+def cmd_bench(args) -> None:
+    from fewstep.bench import SUITES, run_bench, select_methods
+
+    methods = select_methods(args.methods)
+    command = f"fewstep bench --suite {args.suite}" + (f" --methods {' '.join(args.methods)}" if args.methods
+                                                       else "") + (f" --seed {args.seed}" if args.seed else "")
+    report = run_bench(SUITES[args.suite], args.out, methods, name=args.suite, json_path=args.json,
+                       seed=args.seed, progress=not args.quiet, command=command)
+    json_path = args.json or f"{args.out}/benchmarks.json"
+    print(f"wrote {args.out}/BENCHMARKS.md, {json_path} and plots in {report['wall_seconds']:.0f} s")
 
 
 def cmd_methods(args) -> None:

@@ -48,13 +48,19 @@ class EvalRecipe:
     seed: int = 0
 
 
+def _demo_train_config() -> TrainConfig:
+    return TrainConfig(steps=3000, lr=3e-4)
+
+
 @dataclass
 class Recipe:
+    """A whole job. The defaults are the demo: consistency distillation of the cached digits teacher."""
+
     dataset: str = "digits"
     method: str = "cd"
     method_args: dict = field(default_factory=dict)
     teacher: TeacherRecipe = field(default_factory=TeacherRecipe)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=_demo_train_config)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
     student_backbone_args: dict = field(default_factory=dict)
     out: str = "runs/default"

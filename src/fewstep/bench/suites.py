@@ -33,8 +33,9 @@ class Suite:
     **teacher_args)``). ``quality`` is the metric that ranks rows (lower is better): ``"fd"`` (FD-digits) for
     digits, ``"swd"`` (sliced Wasserstein) for 2-D sets, where the NLL of samples under the true density is
     shown beside it but cannot rank (a student that collapses onto the modes' centres scores better than
-    real data). ``method_args`` holds per-method arguments; PD's ``steps_per_round`` is added from the budget
-    by :func:`method_args`."""
+    real data). ``student_backbone_args`` shape the student MLP where the teacher has no network to copy (an
+    analytic teacher); students of trained teachers start from the teacher's network. ``method_args`` holds
+    per-method arguments; PD's ``steps_per_round`` is added from the budget by :func:`method_args`."""
 
     name: str
     dataset: str

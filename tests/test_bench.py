@@ -1,0 +1,210 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from fewstep.api import Teacher
+from fewstep.bench import SUITES, Suite, run_bench, select_methods
+from fewstep.bench.runner import build_distiller, teacher_evals_per_sample
+from fewstep.bench.suites import method_args, steps_for_budget
+from fewstep.cli import main
+from fewstep.errors import ConfigError
+from fewstep.methods import METHODS
+from fewstep.methods.consistency_distillation import ConsistencyDistillation
+from fewstep.methods.progressive_distillation import ProgressiveDistillation
+
+STEPS, BATCH = 30, 64
+REQUIRED_CELL_KEYS = {"suite", "method", "family", "nfe", "quality_metric", "quality", "swd", "nll", "excess_nll",
+                      "modes_covered", "spread_ratio", "noise_floor", "teacher_ratio", "train_seconds",
+                      "teacher_evals", "speedup", "peak_memory_bytes", "status"}
+
+
+class BrokenMethod(ConsistencyDistillation):
+    name = "broken"
+
+    def losses(self, phase, batch, step, generator):
+        raise RuntimeError("boom\nat the first step")
+
+
+class LabelsMethod(ConsistencyDistillation):
+    name = "labels_only"
+    needs = "labels"
+
+
+class ExplodingCD(ConsistencyDistillation):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+
+class ExplodingPD(ProgressiveDistillation):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+
+def tiny_suite() -> Suite:
+    return Suite("ring8", "ring8", "analytic", teacher_eval_budget=STEPS * 2 * BATCH, quality="swd", max_seconds=60,
+                 teacher_nfe=(1, 2), n_samples=500, batch_size=BATCH, student_backbone_args={"width": 32, "depth": 2},
+                 method_args={"pd": {"start_steps": 8, "final_steps": 4}})
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One tiny benchmark: cd and pd train, a broken method fails, a labels-only method is skipped."""
+    out = tmp_path_factory.mktemp("bench")
+    methods = {"cd": ConsistencyDistillation, "pd": ProgressiveDistillation, "broken": BrokenMethod,
+               "labels_only": LabelsMethod}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEWSTEP_CACHE", str(tmp_path_factory.getbasetemp() / "fewstep-cache"))
+        report = run_bench([tiny_suite()], out, methods, name="tiny", progress=False, command="test")
+    return out, report
+
+
+def rows_of(report: dict, method: str) -> list[dict]:
+    return [row for row in report["cells"] if row["method"] == method]
+
+
+def test_bench_writes_json_with_required_keys(bench_run):
+    out, _ = bench_run
+    saved = json.loads((out / "benchmarks.json").read_text())
+    assert saved["suite"] == "tiny"
+    assert {"cells", "machine", "wall_seconds"} <= set(saved)
+    assert {"python", "torch", "platform", "threads"} <= set(saved["machine"])
+    assert len(saved["cells"]) == 4 * 3
+    for row in saved["cells"]:
+        assert set(row) >= REQUIRED_CELL_KEYS, REQUIRED_CELL_KEYS - set(row)
+    for method in ("cd", "pd"):
+        rows = rows_of(saved, method)
+        assert [row["nfe"] for row in rows] == [1, 2, 4]
+        for row in rows:
+            assert row["status"] == "ok"
+            assert row["teacher_evals"] == STEPS * 2 * BATCH  # the same budget, spent in full by both
+            assert row["quality"] == row["swd"] and math.isfinite(row["quality"])
+            assert row["teacher_ratio"] == pytest.approx(row["quality"] / min(
+                r["swd"] for r in saved["teachers"]["ring8"]))
+            reference_nll = saved["teachers"]["ring8"][0]["nll"] - saved["teachers"]["ring8"][0]["excess_nll"]
+            assert row["excess_nll"] == pytest.approx(row["nll"] - reference_nll)
+            assert row["speedup"] > 0 and row["train_seconds"] > 0
+    assert rows_of(saved, "cd")[0]["family"] == "consistency"
+    assert rows_of(saved, "pd")[0]["family"] == "trajectory"
+
+
+def test_failing_method_is_recorded_and_others_complete(bench_run):
+    _, report = bench_run
+    broken = rows_of(report, "broken")
+    assert [row["status"] for row in broken] == ["failed"] * 3
+    assert broken[0]["error"] == "RuntimeError: boom at the first step"
+    assert all(row["quality"] is None for row in broken)
+    assert [row["status"] for row in rows_of(report, "labels_only")] == ["skipped"] * 3
+    assert all(row["status"] == "ok" for row in rows_of(report, "cd") + rows_of(report, "pd"))
+
+
+def test_benchmarks_markdown_has_each_suite_table_and_plots(bench_run):
+    out, _ = bench_run
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "## ring8" in text
+    assert "| model | nfe | swd | x noise floor | vs teacher |" in text
+    assert "| teacher · " in text and "| cd | 1 |" in text and "| pd | 4 |" in text
+    assert "| broken | – |" in text and "failed: RuntimeError: boom at the first step |" in text
+    assert "skipped: needs class labels; ring8 is unconditional |" in text
+    assert "## Machine" in text
+    for name in ("ring8_quality_vs_nfe.png", "ring8_samples.png", "quality_vs_train_time.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_second_run_reuses_finished_cells_and_retries_failed(bench_run, tmp_path):
+    first, report = bench_run
+    out = tmp_path / "bench"
+    shutil.copytree(first, out)
+    cells = out / "cells" / "ring8"
+    mtimes = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
+    methods = {"cd": ExplodingCD, "pd": ExplodingPD, "broken": BrokenMethod, "labels_only": LabelsMethod}
+    again = run_bench([tiny_suite()], out, methods, name="tiny", progress=False)
+    assert all(row["status"] == "ok" for row in rows_of(again, "cd") + rows_of(again, "pd"))
+    assert [row["quality"] for row in again["cells"]] == [row["quality"] for row in report["cells"]]
+    for name in ("cd.json", "pd.json", "labels_only.json", "teacher_sweep.json"):
+        assert (cells / name).stat().st_mtime_ns == mtimes[name], name
+    assert (cells / "broken.json").stat().st_mtime_ns != mtimes["broken.json"]
+
+
+def test_changed_settings_rerun_the_cell(bench_run, tmp_path):
+    out = tmp_path / "bench"
+    shutil.copytree(bench_run[0], out)
+    suite = tiny_suite()
+    suite.teacher_eval_budget = 10 * 2 * BATCH
+    report = run_bench([suite], out, {"cd": ConsistencyDistillation}, progress=False)
+    assert [row["teacher_evals"] for row in report["cells"]] == [10 * 2 * BATCH] * 3
+
+
+def test_teacher_evals_per_sample_is_measured_per_method():
+    teacher = Teacher.analytic("ring8")
+    suite = tiny_suite()
+    for name in ("cd", "pd"):
+        distiller = build_distiller(teacher, METHODS[name], method_args(suite, name, 1), {"width": 8, "depth": 1})
+        assert teacher_evals_per_sample(distiller, teacher.dataset) == 2.0
+
+
+def test_method_without_teacher_eval_counter_is_refused():
+    teacher = Teacher.analytic("ring8")
+    distiller = build_distiller(teacher, ConsistencyDistillation, {}, {"width": 8, "depth": 1})
+    del distiller.teacher_evals
+    with pytest.raises(ConfigError, match="teacher_evals"):
+        teacher_evals_per_sample(distiller, teacher.dataset)
+
+
+def test_budget_conversion_and_pd_rounds():
+    assert steps_for_budget(1000, 2.0, 10) == 50
+    assert steps_for_budget(5, 2.0, 10) == 1
+    with pytest.raises(ValueError, match="positive"):
+        steps_for_budget(1000, 0.0, 10)
+    for suites in SUITES.values():
+        for suite in suites:
+            args = method_args(suite, "pd", 999)
+            rounds = int(math.log2(args["start_steps"] // args["final_steps"]))
+            assert args["final_steps"] == 4 and args["steps_per_round"] * rounds <= 999
+            assert args["steps_per_round"] * (rounds + 1) > 999
+
+
+def test_suites_cover_the_issue():
+    for name in ("quick", "full"):
+        suites = {suite.name: suite for suite in SUITES[name]}
+        assert set(suites) == {"ring8", "grid25_imbalanced", "checkerboard", "digits", "digits_cfg"}
+        assert suites["digits"].teacher_args == {}  # the default cached teacher, shared with `fewstep demo`
+        assert suites["digits_cfg"].guidance_scale == 2.0 and suites["digits_cfg"].conditional
+        assert all(suite.nfe == (1, 2, 4) for suite in suites.values())
+    quick = {suite.name: suite for suite in SUITES["quick"]}
+    full = {suite.name: suite for suite in SUITES["full"]}
+    assert all(quick[n].teacher_eval_budget < full[n].teacher_eval_budget for n in quick)
+
+
+def test_select_methods():
+    assert list(select_methods(["pd", "cd", "pd"])) == ["pd", "cd"]
+    assert select_methods(None) == dict(METHODS)
+    with pytest.raises(ConfigError, match="nope"):
+        select_methods(["nope"])
+
+
+def test_cli_bench_refuses_bad_input(capsys, tmp_path):
+    assert main(["bench", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--suite", "huge"])
+    assert exit_info.value.code == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_bench_refuses_bad_suites(tmp_path):
+    suite = tiny_suite()
+    with pytest.raises(ConfigError, match="unique"):
+        run_bench([suite, suite], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
+    suite.quality = "nll"
+    with pytest.raises(ConfigError, match="quality"):
+        run_bench([suite], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cells_are_reproducible_from_the_seed(bench_run, tmp_path):
+    torch.randn(100)  # whatever ran before must not change a cell
+    again = run_bench([tiny_suite()], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
+    assert [row["quality"] for row in again["cells"]] == [row["quality"] for row in rows_of(bench_run[1], "cd")]
