@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.api import TEACHER_STEPS
 from fewstep.errors import FewstepError
 
 DEMO_OUT = "runs/demo"
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt = teacher.add_parser("train", help="train a teacher on a built-in dataset")
     tt.add_argument("--dataset", default="digits")
     tt.add_argument("--backbone", default="mlp", choices=["mlp", "unet"])
-    tt.add_argument("--steps", type=int, default=6000)
+    tt.add_argument("--steps", type=int, default=TEACHER_STEPS)
     tt.add_argument("--batch-size", type=int, default=256)
     tt.add_argument("--lr", type=float, default=1e-3)
     tt.add_argument("--label-dropout", type=float, default=0.1)

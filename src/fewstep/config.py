@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from fewstep.api import TEACHER_STEPS
 from fewstep.errors import ConfigError
 from fewstep.train.trainer import TrainConfig
 
@@ -28,7 +29,7 @@ class TeacherRecipe:
     source: str = "train"
     backbone: str = "mlp"
     backbone_args: dict = field(default_factory=dict)
-    steps: int = 6000
+    steps: int = TEACHER_STEPS
     batch_size: int = 256
     lr: float = 1e-3
     label_dropout: float = 0.1
@@ -49,7 +50,7 @@ class EvalRecipe:
 
 
 def _demo_train_config() -> TrainConfig:
-    return TrainConfig(steps=3000, lr=3e-4)
+    return TrainConfig(steps=2000, lr=4e-4)
 
 
 @dataclass
