@@ -13,15 +13,6 @@ from fewstep.train.teacher import TeacherConfig, TeacherTraining, train_teacher
 from fewstep.train.trainer import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These MLPs are small: one thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_teacher_on_the_ring_covers_every_mode_with_near_exact_likelihood(tmp_path):
     ring = ring_mixture()
     x = ring.sample(20000, torch.Generator().manual_seed(0))

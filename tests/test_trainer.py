@@ -15,15 +15,6 @@ from fewstep.train.ema import EMA, warmup_decay
 from fewstep.train.trainer import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Points:
     """A stateful source: a fixed set of ring points in order (its position is checkpointed), plus jitter
     drawn from the trainer's data generator."""
