@@ -1,13 +1,6 @@
 """fewstep: distil many-step diffusion and flow teachers into 1-4 step students, checked against exact
 analytic teachers. Start with :class:`Teacher`, :func:`distill` and :func:`evaluate_models`."""
 
-import os
-
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning threads, a second
-# busy process on a 2-core machine made training steps ~20x slower; sleeping costs a few percent when alone.
-# A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from fewstep.api import Student, Teacher, build_method, distill, evaluate_models
 from fewstep.data import DATASETS, load_dataset
 from fewstep.eval.evaluate import format_table
