@@ -85,7 +85,9 @@ def test_bench_writes_json_with_required_keys(bench_run):
                 r["swd"] for r in saved["teachers"]["ring8"]))
             reference_nll = saved["teachers"]["ring8"][0]["nll"] - saved["teachers"]["ring8"][0]["excess_nll"]
             assert row["excess_nll"] == pytest.approx(row["nll"] - reference_nll)
-            assert row["speedup"] > 0 and row["train_seconds"] > 0
+            heun35 = next(r for r in saved["teachers"]["ring8"] if r["name"] == "teacher/heun@35")
+            assert row["speedup"] == pytest.approx(heun35["sec_per_sample"] / row["sec_per_sample"])
+            assert row["train_seconds"] > 0
     assert rows_of(saved, "cd")[0]["family"] == "consistency"
     assert rows_of(saved, "pd")[0]["family"] == "trajectory"
 
@@ -194,7 +196,21 @@ def test_cli_bench_refuses_bad_input(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_trained_teacher_recipe_includes_fewstep_defaults():
+    from fewstep.api import TEACHER_STEPS
+    from fewstep.bench.runner import teacher_recipe
+
+    suites = {suite.name: suite for suite in SUITES["quick"]}
+    recipe = teacher_recipe(suites["digits"])
+    assert recipe["steps"] == TEACHER_STEPS and recipe["dataset"] == "digits" and recipe["seed"] == 0
+    assert teacher_recipe(suites["checkerboard"])["steps"] == 3000
+    assert teacher_recipe(suites["ring8"]) == {"analytic": "ring8"}
+
+
 def test_run_bench_refuses_bad_suites(tmp_path):
+    trained = Suite("bad", "checkerboard", "train", 1000, "swd", 10, teacher_args={"step": 5})
+    with pytest.raises(ConfigError, match="teacher_args"):
+        run_bench([trained], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
     suite = tiny_suite()
     with pytest.raises(ConfigError, match="unique"):
         run_bench([suite, suite], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
@@ -208,3 +224,11 @@ def test_cells_are_reproducible_from_the_seed(bench_run, tmp_path):
     torch.randn(100)  # whatever ran before must not change a cell
     again = run_bench([tiny_suite()], tmp_path, {"cd": ConsistencyDistillation}, progress=False)
     assert [row["quality"] for row in again["cells"]] == [row["quality"] for row in rows_of(bench_run[1], "cd")]
+
+
+def test_diagnostic_columns_only_where_they_tell_rows_apart():
+    from fewstep.bench.runner import _extra_columns
+
+    rows = [{"excess_nll": 0.0, "off_support": 0.1, "modes_covered": None},
+            {"excess_nll": 4e-16, "off_support": 0.3, "modes_covered": None}]
+    assert [title for title, _ in _extra_columns(tiny_suite(), rows)] == ["off support"]

@@ -18,6 +18,7 @@ ratios, speedups) are recomputed from the saved cells each run, so ``out/`` is n
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -34,7 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fewstep.api import Student, Teacher, _pair_source_args, default_backbone_args, evaluate_models
+from fewstep.api import (
+    BEST_TEACHER_NFE,
+    Student,
+    Teacher,
+    _pair_source_args,
+    default_backbone_args,
+    evaluate_models,
+)
 from fewstep.bench.suites import Suite, method_args, steps_for_budget
 from fewstep.cache import atomic_write
 from fewstep.config import build_dataclass
@@ -129,6 +137,20 @@ def _check_suites(suites: list[Suite], methods: dict) -> None:
             raise ConfigError(f"suite {suite.name}: quality must be one of {QUALITY_METRICS}, got {suite.quality!r}")
         if suite.teacher_eval_budget < 1:
             raise ConfigError(f"suite {suite.name}: teacher_eval_budget must be positive")
+        try:
+            teacher_recipe(suite)
+        except TypeError as error:
+            raise ConfigError(f"suite {suite.name}: teacher_args do not fit Teacher.cached: {error}") from None
+
+
+def teacher_recipe(suite: Suite) -> dict:
+    """What identifies the suite's teacher. For a trained one, ``Teacher.cached``'s arguments with its
+    defaults filled in, so that a change of fewstep's default teacher recipe makes the saved cells stale."""
+    if suite.teacher == "analytic":
+        return {"analytic": suite.dataset}
+    bound = inspect.signature(Teacher.cached).bind(suite.dataset, **suite.teacher_args)
+    bound.apply_defaults()
+    return _jsonable({k: v for k, v in bound.arguments.items() if k != "progress"})
 
 
 def resolve_teacher(suite: Suite, progress: bool = True) -> Teacher:
@@ -144,9 +166,9 @@ def resolve_teacher(suite: Suite, progress: bool = True) -> Teacher:
 
 
 def _sweep_key(suite: Suite, seed: int) -> dict:
-    fields = ("dataset", "teacher", "teacher_args", "conditional", "guidance_scale", "guidance_convention",
-              "teacher_nfe", "n_samples")
-    return {"format": CELL_FORMAT, "seed": seed, **{k: _jsonable(getattr(suite, k)) for k in fields}}
+    fields = ("dataset", "conditional", "guidance_scale", "guidance_convention", "teacher_nfe", "n_samples")
+    return {"format": CELL_FORMAT, "seed": seed, "teacher": teacher_recipe(suite),
+            **{k: _jsonable(getattr(suite, k)) for k in fields}}
 
 
 def _cell_key(suite: Suite, method: str, seed: int) -> dict:
@@ -194,7 +216,8 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
                              conditional=suite.conditional, seed=seed, progress=False)
     n, label = _figure_inputs(model.dataset, suite.conditional, seed)
     _save_samples(folder / "teacher_samples.safetensors", {"heun35": model.sample(n, label=label, seed=seed)})
-    sweep = {"key": key, "status": "ok", "teacher": model.name, "teacher_seconds": teacher_seconds,
+    name = model.name if model.is_analytic else f"cached:{Path(model.name).name}"  # not the local cache path
+    sweep = {"key": key, "status": "ok", "teacher": name, "teacher_seconds": teacher_seconds,
              "seconds": time.perf_counter() - started, "report": report}
     write_json(sweep, path)
     return sweep
@@ -304,16 +327,24 @@ def best_teacher_row(suite: Suite, sweep: dict) -> dict | None:
     return min(rows, key=lambda row: (row[suite.quality], row["nfe"])) if rows else None
 
 
+def default_teacher_row(sweep: dict) -> dict | None:
+    """The sweep's row of the teacher's default sampler (Heun at 35 NFE), the reference of ``speedup``."""
+    name = f"teacher/heun@{BEST_TEACHER_NFE}"
+    return next((row for row in sweep["report"]["results"] if row["name"] == name), None)
+
+
 def _derived(suite: Suite, sweep: dict, row: dict) -> dict:
-    """Quality, its ratios to the noise floor and to the teacher's best, the excess NLL and the speedup."""
-    report, best = sweep["report"], best_teacher_row(suite, sweep)
+    """Quality, its ratios to the noise floor and to the teacher's best, the excess NLL and the speedups
+    against the teacher's default sampler and against its best-quality row."""
+    report, best, default = sweep["report"], best_teacher_row(suite, sweep), default_teacher_row(sweep)
     quality = row.get(suite.quality)
     floor = report["noise_floor"].get(suite.quality)
     nll, reference_nll = row.get("nll"), report["reference"].get("nll")
     return {"quality_metric": suite.quality, "quality": quality, "noise_floor": floor,
             "floor_ratio": _ratio(quality, floor), "teacher_ratio": _ratio(quality, best and best[suite.quality]),
             "excess_nll": nll - reference_nll if nll is not None and reference_nll is not None else None,
-            "speedup": _ratio(best and best["sec_per_sample"], row.get("sec_per_sample"))}
+            "speedup": _ratio(default and default["sec_per_sample"], row.get("sec_per_sample")),
+            "speedup_vs_best": _ratio(best and best["sec_per_sample"], row.get("sec_per_sample"))}
 
 
 def cell_rows(suite: Suite, sweep: dict, cell: dict) -> list[dict]:
@@ -329,13 +360,13 @@ def cell_rows(suite: Suite, sweep: dict, cell: dict) -> list[dict]:
 
 
 def _measured(row: dict) -> dict:
-    """An evaluation row without its name, role and speedup (which the bench derives itself)."""
-    return {k: v for k, v in row.items() if k not in ("name", "role", "speedup")}
+    """An evaluation row without its name, role and what the bench derives itself."""
+    return {k: v for k, v in row.items() if k not in ("name", "role", "speedup", "speedup_vs_best", "excess_nll")}
 
 
 def teacher_rows(suite: Suite, sweep: dict) -> list[dict]:
     """The sweep's rows with the same derived columns as the cells."""
-    return [{**{k: v for k, v in row.items() if k != "role"}, **_derived(suite, sweep, row)}
+    return [{"name": row["name"], **_measured(row), **_derived(suite, sweep, row)}
             for row in sweep["report"]["results"]]
 
 
@@ -419,12 +450,14 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "- Quality: lower is better (`swd`: sliced Wasserstein distance to held-out data; `fd`: FD-digits). "
         "`x noise floor`: quality over the same metric between two real sample sets of the same size (1 is as "
         "good as measurable). `vs teacher`: quality over the teacher's best quality at any solver and NFE. "
-        "`speedup`: the teacher's best row's seconds per sample over this row's.",
+        f"`speedup`: seconds per sample of the teacher's default sampler (Heun, {BEST_TEACHER_NFE} NFE) over "
+        "this row's (the JSON also has `speedup_vs_best`, against the teacher's best-quality row).",
         "- Teacher rows: the best training-free solver (euler, heun, dpmpp_2m) at each NFE, on the same noise "
         "and labels as the students.",
-        "- 2-D extras: `excess NLL` is the samples' NLL under the true density minus that of held-out data "
-        "(negative when samples crowd the modes' centres, so it cannot rank), `modes` covered, `spread` the "
-        "in-mode spread over real data's (1 is right).",
+        "- 2-D extras, where they tell rows apart: `excess NLL` is the samples' NLL under the true density minus "
+        "that of held-out data (negative when samples crowd the modes' centres, so it cannot rank), `off "
+        "support` the share of samples where the density is zero, `modes` covered, `spread` the in-mode spread "
+        "over real data's (1 is right).",
         "- PD is trained down to 4 steps (from 32 in `quick`, 64 in `full`, the steps split evenly over the "
         "halving rounds); its 1- and 2-NFE rows use that 4-step student on coarser grids, untrained for them. "
         "CD uses its default settings.",
@@ -483,19 +516,24 @@ def _finite(value: float | None) -> float:
 
 
 def _extra_columns(suite: Suite, rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
-    """Suite-specific diagnostic columns, where some row has them."""
+    """Suite-specific diagnostic columns, each shown where it tells rows apart (e.g. not the excess NLL on
+    the checkerboard, whose density is flat on its support)."""
     if suite.quality == "fd":
-        candidates = [("precision", "precision"), ("recall", "recall"), ("class acc", "class_accuracy")]
-        columns = [(title, _fmt(key, "{:.3f}")) for title, key in candidates]
-        keys = [key for _, key in candidates]
+        columns = [("precision", "precision", _fmt("precision", "{:.3f}")),
+                   ("recall", "recall", _fmt("recall", "{:.3f}")),
+                   ("class acc", "class_accuracy", _fmt("class_accuracy", "{:.3f}"))]
     else:
-        columns = [("excess NLL", _fmt("excess_nll", "{:.3g}")),
-                   ("modes", lambda r: f"{r['modes_covered']}/{r['modes_total']}" if r.get("modes_covered") is not None
-                    else "–"),
-                   ("spread", _fmt("spread_ratio", "{:.2f}"))]
-        keys = ["excess_nll", "modes_covered", "spread_ratio"]
-    return [column for column, key in zip(columns, keys, strict=True)
-            if any(row.get(key) is not None for row in rows)]
+        columns = [("excess NLL", "excess_nll", _fmt("excess_nll", "{:.3g}")),
+                   ("off support", "off_support", _fmt("off_support", "{:.3f}")),
+                   ("modes", "modes_covered", lambda r: f"{r['modes_covered']}/{r['modes_total']}"
+                    if r.get("modes_covered") is not None else "–"),
+                   ("spread", "spread_ratio", _fmt("spread_ratio", "{:.2f}"))]
+    return [(title, show) for title, key, show in columns if _varies([row.get(key) for row in rows])]
+
+
+def _varies(values: list) -> bool:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(finite) and max(finite) - min(finite) > 1e-9 * max(1.0, abs(max(finite)))
 
 
 def _fmt(key: str, spec: str) -> Callable[[dict], str]:
