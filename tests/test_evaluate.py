@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from fewstep.data.spec import DatasetSpec, Modes
 from fewstep.errors import ConfigError, DataError
@@ -10,18 +9,12 @@ from fewstep.eval import plots
 from fewstep.eval.evaluate import Candidate, best_at_nfe, best_teacher, evaluate, format_table, write_json
 from fewstep.eval.speed import peak_memory, time_sampler
 from fewstep.models.analytic import GaussianMixture
+from test_eval_digits import make_digits_spec
 
 
 @pytest.fixture(scope="module")
 def spec() -> DatasetSpec:
-    """sklearn digits in [-1, 1], a seeded 1200 / 597 split (built here, independent of fewstep.data)."""
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 8 - 1
-    y = torch.as_tensor(bunch.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, ref = order[:1200], order[1200:]
-    return DatasetSpec(name="digits", data_shape=(1, 8, 8), train_x=x[train], ref_x=x[ref], num_classes=10,
-                       train_y=y[train], ref_y=y[ref])
+    return make_digits_spec()
 
 
 @pytest.fixture(scope="module", autouse=True)
