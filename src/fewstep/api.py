@@ -232,7 +232,9 @@ def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size:
     ``train_config`` overrides ``steps``, ``batch_size`` and ``lr`` when given. With ``run_dir`` the run
     checkpoints there and resumes if interrupted."""
     config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
-    distiller = build_method(teacher, method, method_args, student_backbone_args)
+    with torch.random.fork_rng(devices=[]):  # a new student's initial weights depend on the seed alone
+        torch.manual_seed(config.seed)
+        distiller = build_method(teacher, method, method_args, student_backbone_args)
     source = make_source(distiller.needs, teacher.dataset, **_pair_source_args(distiller, teacher, run_dir))
     result = train(distiller, source, config, run_dir=run_dir, progress=progress)
     nfes = sorted(set(nfe) | {1, 2, 4})
@@ -249,7 +251,8 @@ def _pair_source_args(distiller, teacher: Teacher, run_dir: str | Path | None) -
     folder = Path(run_dir) if run_dir is not None else cache_dir() / "pairs"
     return {"teacher_sample_fn": lambda noise, label: teacher.sample(0, label=label, noise=noise),
             "num_pairs": getattr(distiller.config, "num_pairs", 20000),
-            "cache_path": folder / f"pairs-{teacher.dataset.name}.safetensors", "key": teacher.name}
+            "cache_path": folder / f"pairs-{teacher.dataset.name}.safetensors",
+            "key": f"{teacher.name}|{teacher.guidance_convention}={teacher.guidance_scale}"}
 
 
 def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tuple[int, ...] = (1, 2, 4),
