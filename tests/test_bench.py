@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from fewstep.api import Teacher
+from fewstep.api import Teacher, build_method
 from fewstep.bench import SUITES, Suite, run_bench, select_methods
-from fewstep.bench.runner import build_distiller, teacher_evals_per_sample
+from fewstep.bench.runner import teacher_evals_per_sample
 from fewstep.bench.suites import method_args, steps_for_budget
 from fewstep.cli import main
 from fewstep.errors import ConfigError
@@ -143,13 +143,13 @@ def test_teacher_evals_per_sample_is_measured_per_method():
     teacher = Teacher.analytic("ring8")
     suite = tiny_suite()
     for name in ("cd", "pd"):
-        distiller = build_distiller(teacher, METHODS[name], method_args(suite, name, 1), {"width": 8, "depth": 1})
+        distiller = build_method(teacher, METHODS[name], method_args(suite, name, 1), {"width": 8, "depth": 1})
         assert teacher_evals_per_sample(distiller, teacher.dataset) == 2.0
 
 
 def test_method_without_teacher_eval_counter_is_refused():
     teacher = Teacher.analytic("ring8")
-    distiller = build_distiller(teacher, ConsistencyDistillation, {}, {"width": 8, "depth": 1})
+    distiller = build_method(teacher, ConsistencyDistillation, {}, {"width": 8, "depth": 1})
     del distiller.teacher_evals
     with pytest.raises(ConfigError, match="teacher_evals"):
         teacher_evals_per_sample(distiller, teacher.dataset)

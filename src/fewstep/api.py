@@ -207,14 +207,15 @@ class Student:
         return cls(denoiser, meta.get("method", "?"), sampling, load_dataset(meta["dataset"]), extra)
 
 
-def build_method(teacher: Teacher, method: str, method_args: dict | None = None,
+def build_method(teacher: Teacher, method: str | type, method_args: dict | None = None,
                  student_backbone_args: dict | None = None):
-    """Instantiate a registered method: validate its config, build its student from the teacher."""
+    """Instantiate a method (a registered name, or a method class): validate its config, build its student
+    from the teacher."""
     from fewstep.config import build_dataclass
 
-    if method not in METHODS:
+    if isinstance(method, str) and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    method_cls = METHODS[method]
+    method_cls = METHODS[method] if isinstance(method, str) else method
     config = build_dataclass(method_cls.Config, method_args or {}, "method_args")
     dataset = teacher.dataset
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}
@@ -235,7 +236,7 @@ def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size:
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights depend on the seed alone
         torch.manual_seed(config.seed)
         distiller = build_method(teacher, method, method_args, student_backbone_args)
-    source = make_source(distiller.needs, teacher.dataset, **_pair_source_args(distiller, teacher, run_dir))
+    source = make_source(distiller.needs, teacher.dataset, **pair_source_args(distiller, teacher, run_dir))
     result = train(distiller, source, config, run_dir=run_dir, progress=progress)
     nfes = sorted(set(nfe) | {1, 2, 4})
     sampling = {k: distiller.sampling(k) for k in nfes}
@@ -244,7 +245,7 @@ def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size:
     return Student(result.ema_student, method, sampling, teacher.dataset, metadata, result)
 
 
-def _pair_source_args(distiller, teacher: Teacher, run_dir: str | Path | None) -> dict:
+def pair_source_args(distiller, teacher: Teacher, run_dir: str | Path | None) -> dict:
     """Arguments for a ``teacher_pairs`` source: a cached high-accuracy teacher ODE solve."""
     if distiller.needs != "teacher_pairs":
         return {}

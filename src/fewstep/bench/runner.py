@@ -39,13 +39,12 @@ from fewstep.api import (
     BEST_TEACHER_NFE,
     Student,
     Teacher,
-    _pair_source_args,
-    default_backbone_args,
+    build_method,
     evaluate_models,
+    pair_source_args,
 )
 from fewstep.bench.suites import Suite, method_args, steps_for_budget
 from fewstep.cache import atomic_write
-from fewstep.config import build_dataclass
 from fewstep.data import load_dataset
 from fewstep.data.sources import make_source
 from fewstep.data.spec import DatasetSpec
@@ -55,7 +54,6 @@ from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.methods import METHODS
 from fewstep.methods.base import Batch, DistillationMethod
 from fewstep.models.io import one_line
-from fewstep.nets import build_backbone
 from fewstep.run import machine
 from fewstep.train.trainer import TrainConfig, train
 
@@ -223,16 +221,6 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
     return sweep
 
 
-def build_distiller(teacher: Teacher, method_cls: type[DistillationMethod], args: dict,
-                    student_backbone_args: dict) -> DistillationMethod:
-    """``fewstep.build_method`` for a method class (the bench also runs classes outside the registry)."""
-    config = build_dataclass(method_cls.Config, args, "method_args")
-    backbone_args = {**default_backbone_args(teacher.dataset), **student_backbone_args}
-    student = method_cls.build_student(teacher.guided, config, lambda: build_backbone("mlp", **backbone_args),
-                                       teacher.dataset.sigma_data)
-    return method_cls(teacher.guided, student, config)
-
-
 def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec, probe: int = 4) -> float:
     """Teacher evaluations per training sample in one trainer step (one cycle over the method's phases),
     counted by running the method's losses on a small batch. The method must count ``teacher_evals``."""
@@ -285,7 +273,7 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
                           folder: Path, seed: int, progress: bool) -> dict:
     dataset = teacher.dataset
     base_args = method_args(suite, method_name, 1)
-    probe = build_distiller(teacher, method_cls, base_args, suite.student_backbone_args)
+    probe = build_method(teacher, method_cls, base_args, suite.student_backbone_args)
     per_sample = teacher_evals_per_sample(probe, dataset)
     if per_sample <= 0:
         raise ConfigError(f"method {method_name!r} made no teacher evaluations in a training step, so the "
@@ -294,8 +282,8 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     args = method_args(suite, method_name, steps)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from the seed alone
         torch.manual_seed(seed)
-        distiller = build_distiller(teacher, method_cls, args, suite.student_backbone_args)
-    source = make_source(distiller.needs, dataset, **_pair_source_args(distiller, teacher, None))
+        distiller = build_method(teacher, method_cls, args, suite.student_backbone_args)
+    source = make_source(distiller.needs, dataset, **pair_source_args(distiller, teacher, None))
     config = TrainConfig(steps=steps, batch_size=suite.batch_size, lr=suite.lr, seed=seed,
                          max_seconds=suite.max_seconds)
     result = train(distiller, source, config, progress=progress)
