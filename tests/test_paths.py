@@ -98,7 +98,7 @@ class ExactNetOnPath(torch.nn.Module):
         self.mixture, self.path, self.kind = mixture, path, kind
         self.data_shape, self.num_classes = mixture.data_shape, 0
 
-    def forward(self, x_t, t, label=None):
+    def forward(self, x_t, t, label=None, extra=None):
         s = self.path.ve_sigma(t)
         x0 = self.mixture(x_t / self.path.alpha(t)[:, None], s)
         eps = (x_t - self.path.alpha(t)[:, None] * x0) / self.path.sigma(t)[:, None]

@@ -30,6 +30,9 @@ from fewstep.paths import (
 class Denoiser(nn.Module):
     """Base class: ``forward(x, s, label=None) -> x0`` with ``x = x0 + s * eps`` and ``s`` of shape ``(B,)``.
 
+    Networks also take ``extra``, a ``(B, k)`` tensor of further scalar inputs passed to the backbone (a
+    second time for two-time maps, a guidance scale), for students built with ``extra_conditions = k``.
+
     ``data_shape`` is the shape of one sample; ``num_classes`` is 0 for unconditional models. Class labels
     are integers in ``[0, num_classes)``; the index ``num_classes`` means "no label" (classifier-free
     guidance's null condition)."""
@@ -66,7 +69,7 @@ def velocity_on_path(
 
 
 class EDMDenoiser(Denoiser):
-    """EDM preconditioning (Karras et al. 2022) around a backbone ``F(x, c_noise, label)``."""
+    """EDM preconditioning (Karras et al. 2022) around a backbone ``F(x, c_noise, label, extra)``."""
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
         super().__init__()
@@ -78,10 +81,10 @@ class EDMDenoiser(Denoiser):
     def coefficients(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return edm_coefficients(s, self.sigma_data)
 
-    def forward(self, x, s, label=None):
+    def forward(self, x, s, label=None, extra=None):
         s = as_sigma(s, x)
         c_skip, c_out, c_in = (bcast(c, x) for c in self.coefficients(s))
-        out = self.backbone(c_in * x, 0.25 * torch.log(s), label)
+        out = self.backbone(c_in * x, 0.25 * torch.log(s), label, extra)
         return c_skip * x + c_out * out.to(x.dtype)
 
     def config(self) -> dict:
@@ -121,11 +124,11 @@ class PathDenoiser(Denoiser):
         self.data_shape = tuple(backbone.data_shape)
         self.num_classes = int(backbone.num_classes)
 
-    def forward(self, x, s, label=None):
+    def forward(self, x, s, label=None, extra=None):
         s = as_sigma(s, x)
         t = self.path.t_from_ve_sigma(s)
         x_t = x * bcast(self.path.alpha(t), x)
-        out = self.backbone(x_t, t * self.time_scale, label).to(x.dtype)
+        out = self.backbone(x_t, t * self.time_scale, label, extra).to(x.dtype)
         return x0_eps_from_prediction(out, self.prediction, x_t, t, self.path, self.sigma_data)[0]
 
     def config(self) -> dict:

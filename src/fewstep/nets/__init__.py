@@ -1,8 +1,11 @@
-"""Backbones made here. Each is ``F(x, c_noise, label) -> Tensor`` shaped like ``x``, with attributes
-``data_shape``, ``num_classes`` and ``hparams`` (the keyword arguments that rebuild it)."""
+"""Backbones made here. Each is ``F(x, c_noise, label=None, extra=None) -> Tensor`` shaped like ``x``, with
+attributes ``data_shape``, ``num_classes`` and ``hparams`` (the keyword arguments that rebuild it). ``extra`` holds
+``extra_conditions`` further scalar inputs per sample, shape ``(B, extra_conditions)``: see
+:func:`~fewstep.nets.embeddings.add_extra_conditions`."""
 
 from torch import nn
 
+from fewstep.nets.embeddings import add_extra_conditions
 from fewstep.nets.mlp import MLP
 from fewstep.nets.unet import SmallUNet
 
@@ -16,4 +19,4 @@ def build_backbone(name: str, **hparams) -> nn.Module:
     return BACKBONES[name](**hparams)
 
 
-__all__ = ["BACKBONES", "MLP", "SmallUNet", "build_backbone"]
+__all__ = ["BACKBONES", "MLP", "SmallUNet", "add_extra_conditions", "build_backbone"]

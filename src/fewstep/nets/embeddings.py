@@ -37,3 +37,41 @@ class LabelEmbedding(nn.Module):
         if label is None:
             label = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return self.table(label.long())
+
+
+def extra_condition_embedding(dim: int) -> TimeEmbedding:
+    """The embedding of one extra scalar input; its last layer starts at zero so adding it to a trained network
+    leaves the network's outputs unchanged until it is trained."""
+    embedding = TimeEmbedding(dim)
+    nn.init.zeros_(embedding.mlp[-1].weight)
+    nn.init.zeros_(embedding.mlp[-1].bias)
+    return embedding
+
+
+def condition_embedding(backbone: nn.Module, c_noise: Tensor, label: Tensor | None, extra: Tensor | None,
+                        batch: int) -> Tensor:
+    """``silu(time + class + extra scalars)``: the embedding a backbone modulates its blocks with. ``extra`` has
+    shape ``(batch, len(backbone.extra_embeddings))`` (a second time for two-time maps, a guidance scale, ...)."""
+    emb = backbone.time_embedding(c_noise)
+    if backbone.label_embedding is not None:
+        emb = emb + backbone.label_embedding(label, batch, c_noise.device)
+    count = len(backbone.extra_embeddings)
+    if count and (extra is None or tuple(extra.shape) != (batch, count)):
+        got = None if extra is None else tuple(extra.shape)
+        raise ValueError(f"this backbone takes {count} extra condition(s): pass extra of shape ({batch}, {count}), "
+                         f"got {got}")
+    if not count and extra is not None:
+        raise ValueError("this backbone takes no extra conditions (build it with extra_conditions=N)")
+    for i, embedding in enumerate(backbone.extra_embeddings):
+        emb = emb + embedding(extra[:, i])
+    return nn.functional.silu(emb)
+
+
+def add_extra_conditions(backbone: nn.Module, count: int) -> nn.Module:
+    """Give ``backbone`` (in place) ``count`` more scalar inputs, zero-initialised so its outputs are unchanged
+    until trained; ``hparams`` are updated so a saved copy rebuilds with them. Returns the backbone."""
+    device = next(backbone.parameters()).device
+    for _ in range(count):
+        backbone.extra_embeddings.append(extra_condition_embedding(backbone.hparams["emb_dim"]).to(device))
+    backbone.hparams["extra_conditions"] = len(backbone.extra_embeddings)
+    return backbone

@@ -6,7 +6,12 @@ import math
 
 from torch import Tensor, nn
 
-from fewstep.nets.embeddings import LabelEmbedding, TimeEmbedding
+from fewstep.nets.embeddings import (
+    LabelEmbedding,
+    TimeEmbedding,
+    condition_embedding,
+    extra_condition_embedding,
+)
 
 
 class ResidualBlock(nn.Module):
@@ -29,23 +34,22 @@ class MLP(nn.Module):
     """``F(x, c_noise, label)`` for samples of any shape, flattened internally."""
 
     def __init__(self, data_shape: tuple[int, ...], width: int = 256, depth: int = 4, emb_dim: int = 128,
-                 num_classes: int = 0, dropout: float = 0.0):
+                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0):
         super().__init__()
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "width": width, "depth": depth, "emb_dim": emb_dim,
-                        "num_classes": num_classes, "dropout": dropout}
+                        "num_classes": num_classes, "dropout": dropout,
+                        "extra_conditions": extra_conditions}
         dim = math.prod(self.data_shape)
         self.time_embedding = TimeEmbedding(emb_dim)
         self.label_embedding = LabelEmbedding(num_classes, emb_dim) if num_classes else None
+        self.extra_embeddings = nn.ModuleList(extra_condition_embedding(emb_dim) for _ in range(extra_conditions))
         self.input = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
         self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        emb = self.time_embedding(c_noise)
-        if self.label_embedding is not None:
-            emb = emb + self.label_embedding(label, x.shape[0], x.device)
-        emb = nn.functional.silu(emb)
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+        emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
         h = self.input(x.reshape(x.shape[0], -1).float())
         for block in self.blocks:
             h = block(h, emb)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fewstep.nets.embeddings import LabelEmbedding, TimeEmbedding
+from fewstep.nets.embeddings import (
+    LabelEmbedding,
+    TimeEmbedding,
+    condition_embedding,
+    extra_condition_embedding,
+)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -34,16 +39,18 @@ class SmallUNet(nn.Module):
     """``F(x, c_noise, label)`` for images ``(C, H, W)`` with even ``H, W``: one down/up level, skip concat."""
 
     def __init__(self, data_shape: tuple[int, int, int], channels: int = 64, emb_dim: int = 128,
-                 num_classes: int = 0, dropout: float = 0.0):
+                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0):
         super().__init__()
         if len(data_shape) != 3 or data_shape[1] % 2 or data_shape[2] % 2:
             raise ValueError(f"SmallUNet needs (C, H, W) with even H and W, got {tuple(data_shape)}")
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "channels": channels, "emb_dim": emb_dim,
-                        "num_classes": num_classes, "dropout": dropout}
+                        "num_classes": num_classes, "dropout": dropout,
+                        "extra_conditions": extra_conditions}
         c, c2 = channels, 2 * channels
         self.time_embedding = TimeEmbedding(emb_dim)
         self.label_embedding = LabelEmbedding(num_classes, emb_dim) if num_classes else None
+        self.extra_embeddings = nn.ModuleList(extra_condition_embedding(emb_dim) for _ in range(extra_conditions))
         self.input = nn.Conv2d(data_shape[0], c, 3, padding=1)
         self.down1 = ConvBlock(c, c, emb_dim, dropout)
         self.downsample = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -52,11 +59,8 @@ class SmallUNet(nn.Module):
         self.up1 = ConvBlock(c2 + c, c, emb_dim, dropout)
         self.output = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, data_shape[0], 3, padding=1))
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        emb = self.time_embedding(c_noise)
-        if self.label_embedding is not None:
-            emb = emb + self.label_embedding(label, x.shape[0], x.device)
-        emb = nn.functional.silu(emb)
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+        emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
         h = self.down1(self.input(x.float()), emb)
         m = self.mid2(self.mid1(self.downsample(h), emb), emb)
         u = self.up1(torch.cat([self.upsample(m), h], dim=1), emb)

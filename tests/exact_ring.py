@@ -1,0 +1,65 @@
+"""Shared exact-teacher harness for method tests: distil against the closed-form 8-mode ring and apply the
+bar every method must meet at 2 NFE (8/8 modes, >= 3x lower excess NLL than the best training-free solver,
+within-mode spread in [0.7, 1.3] of the data's)."""
+
+from functools import cache
+
+import torch
+
+from fewstep.data import load_dataset
+from fewstep.data.sources import RealData
+from fewstep.eval.toy import reference_nll, toy_metrics
+from fewstep.nets import MLP
+from fewstep.solvers import ode_endpoint, sample, solver_sigmas
+from fewstep.train.trainer import TrainConfig, train
+
+RING = load_dataset("ring8")
+NOISE = torch.randn(4000, 2, generator=torch.Generator().manual_seed(11))
+
+
+def small_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP((2,), width=128, depth=3)
+
+
+def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3):
+    """Train ``method_cls`` against the exact ring teacher; return (method, EMA student). ``source`` defaults
+    to the ring's training data."""
+    student = method_cls.build_student(RING.analytic, config, small_mlp, RING.sigma_data)
+    method = method_cls(RING.analytic, student, config)
+    source = source if source is not None else RealData(RING.train_x)
+    result = train(method, source, TrainConfig(steps=steps, lr=lr, seed=0), progress=False)
+    return method, result.ema_student
+
+
+def draw(method, student, nfe: int) -> torch.Tensor:
+    spec = method.sampling(nfe)
+    return sample(student, NOISE, spec.sampler, torch.tensor(spec.sigmas), torch.Generator().manual_seed(12))
+
+
+@cache
+def best_training_free_excess_nll(nfe: int) -> float:
+    ref = reference_nll(RING)
+    return min(toy_metrics(sample(RING.analytic, NOISE, solver, solver_sigmas(solver, nfe)), RING)["nll"] - ref
+               for solver in ("euler", "heun", "dpmpp_2m"))
+
+
+def passes_issue_bar(samples: torch.Tensor, baseline_excess: float | None = None) -> tuple[bool, dict]:
+    """8/8 modes, >= 3x lower excess NLL than the best training-free solver at 2 NFE, spread in [0.7, 1.3]."""
+    baseline_excess = best_training_free_excess_nll(2) if baseline_excess is None else baseline_excess
+    m = toy_metrics(samples, RING)
+    m["excess_nll"] = m["nll"] - reference_nll(RING)
+    ok = (m["modes_covered"] == 8 and m["excess_nll"] * 3 <= baseline_excess
+          and 0.7 <= m["spread_ratio"] <= 1.3)
+    return ok, m
+
+
+@cache
+def exact_endpoints() -> torch.Tensor:
+    """The exact teacher ODE's endpoints of :data:`NOISE` (float64 integration)."""
+    return ode_endpoint(RING.analytic, NOISE.double()).float()
+
+
+def flow_map_error(samples: torch.Tensor) -> float:
+    """Mean distance of one-step samples from the exact ODE endpoints of the same noise."""
+    return float((samples - exact_endpoints()).norm(dim=1).mean())
