@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fewstep.bench.suites import method_args, steps_for_budget
 from fewstep.cli import main
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.consistency_distillation import ConsistencyDistillation
+from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
 from fewstep.methods.progressive_distillation import ProgressiveDistillation
 
 STEPS, BATCH = 30, 64
@@ -31,6 +32,27 @@ class BrokenMethod(ConsistencyDistillation):
 class LabelsMethod(ConsistencyDistillation):
     name = "labels_only"
     needs = "labels"
+
+
+@dataclass
+class TeacherFreeConfig(CDConfig):
+    total_steps: int = 0
+
+
+class TeacherFreeCD(ConsistencyDistillation):
+    """A stand-in for consistency training: CD's loss with a target step that never calls the teacher, and a
+    schedule field (``total_steps``) that the bench must fit to the cell's length."""
+
+    name = "teacher_free"
+    Config = TeacherFreeConfig
+
+    def heun_step(self, x, s, s_next, label):
+        return x * (s_next / s)[:, None]
+
+    def losses(self, phase, batch, step, generator):
+        losses = super().losses(phase, batch, step, generator)
+        self.teacher_evals = 0
+        return losses
 
 
 class ExplodingCD(ConsistencyDistillation):
@@ -54,7 +76,7 @@ def bench_run(tmp_path_factory):
     """One tiny benchmark: cd and pd train, a broken method fails, a labels-only method is skipped."""
     out = tmp_path_factory.mktemp("bench")
     methods = {"cd": ConsistencyDistillation, "pd": ProgressiveDistillation, "broken": BrokenMethod,
-               "labels_only": LabelsMethod}
+               "labels_only": LabelsMethod, "teacher_free": TeacherFreeCD}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEWSTEP_CACHE", str(tmp_path_factory.getbasetemp() / "fewstep-cache"))
         report = run_bench([tiny_suite()], out, methods, name="tiny", progress=False, command="test")
@@ -71,7 +93,7 @@ def test_bench_writes_json_with_required_keys(bench_run):
     assert saved["suite"] == "tiny"
     assert {"cells", "machine", "wall_seconds"} <= set(saved)
     assert {"python", "torch", "platform", "threads"} <= set(saved["machine"])
-    assert len(saved["cells"]) == 4 * 3
+    assert len(saved["cells"]) == 5 * 3
     for row in saved["cells"]:
         assert set(row) >= REQUIRED_CELL_KEYS, REQUIRED_CELL_KEYS - set(row)
     for method in ("cd", "pd"):
@@ -121,11 +143,12 @@ def test_second_run_reuses_finished_cells_and_retries_failed(bench_run, tmp_path
     shutil.copytree(first, out)
     cells = out / "cells" / "ring8"
     mtimes = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
-    methods = {"cd": ExplodingCD, "pd": ExplodingPD, "broken": BrokenMethod, "labels_only": LabelsMethod}
+    methods = {"cd": ExplodingCD, "pd": ExplodingPD, "broken": BrokenMethod, "labels_only": LabelsMethod,
+               "teacher_free": TeacherFreeCD}
     again = run_bench([tiny_suite()], out, methods, name="tiny", progress=False)
     assert all(row["status"] == "ok" for row in rows_of(again, "cd") + rows_of(again, "pd"))
     assert [row["quality"] for row in again["cells"]] == [row["quality"] for row in report["cells"]]
-    for name in ("cd.json", "pd.json", "labels_only.json", "teacher_sweep.json"):
+    for name in ("cd.json", "pd.json", "labels_only.json", "teacher_free.json", "teacher_sweep.json"):
         assert (cells / name).stat().st_mtime_ns == mtimes[name], name
     assert (cells / "broken.json").stat().st_mtime_ns != mtimes["broken.json"]
 
@@ -137,6 +160,16 @@ def test_changed_settings_rerun_the_cell(bench_run, tmp_path):
     suite.teacher_eval_budget = 10 * 2 * BATCH
     report = run_bench([suite], out, {"cd": ConsistencyDistillation}, progress=False)
     assert [row["teacher_evals"] for row in report["cells"]] == [10 * 2 * BATCH] * 3
+
+
+def test_a_teacher_free_method_gets_cds_steps_and_its_schedule_fits_them(bench_run):
+    out, report = bench_run
+    rows = rows_of(report, "teacher_free")
+    assert [row["status"] for row in rows] == ["ok"] * 3 and all(row["teacher_evals"] == 0 for row in rows)
+    cells = {name: json.loads((out / "cells" / "ring8" / f"{name}.json").read_text()) for name in ("cd",
+                                                                                                   "teacher_free")}
+    assert cells["teacher_free"]["steps"] == cells["cd"]["steps"] == STEPS
+    assert cells["teacher_free"]["method_args"]["total_steps"] == STEPS
 
 
 def test_teacher_evals_per_sample_is_measured_per_method():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -187,7 +187,7 @@ class Student:
             noise = torch.randn((n, *self.dataset.data_shape), generator=torch.Generator().manual_seed(seed))
         generator = generator if generator is not None else torch.Generator(noise.device).manual_seed(seed + 1)
         sigmas = torch.tensor(spec.sigmas, dtype=noise.dtype)
-        return sample(lambda x, s: self.denoiser(x, s, label), noise, spec.sampler, sigmas, generator)
+        return sample(lambda x, s, *target: self.denoiser(x, s, label, *target), noise, spec.sampler, sigmas, generator)
 
     def save(self, folder: str | Path) -> None:
         save_model(folder, self.denoiser, {
@@ -208,15 +208,19 @@ class Student:
 
 
 def build_method(teacher: Teacher, method: str | type, method_args: dict | None = None,
-                 student_backbone_args: dict | None = None):
+                 student_backbone_args: dict | None = None, steps: int | None = None):
     """Instantiate a method (a registered name, or a method class): validate its config, build its student
-    from the teacher."""
+    from the teacher. A method whose schedule spans the run (a curriculum, stages) has a ``total_steps``
+    config field; it is set to ``steps`` unless ``method_args`` gives it."""
     from fewstep.config import build_dataclass
 
     if isinstance(method, str) and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     method_cls = METHODS[method] if isinstance(method, str) else method
-    config = build_dataclass(method_cls.Config, method_args or {}, "method_args")
+    method_args = dict(method_args or {})
+    if steps is not None and "total_steps" in {f.name for f in fields(method_cls.Config)}:
+        method_args.setdefault("total_steps", steps)
+    config = build_dataclass(method_cls.Config, method_args, "method_args")
     dataset = teacher.dataset
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}
     student = method_cls.build_student(teacher.guided, config, lambda: build_backbone("mlp", **backbone_args),
@@ -235,7 +239,7 @@ def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size:
     config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights depend on the seed alone
         torch.manual_seed(config.seed)
-        distiller = build_method(teacher, method, method_args, student_backbone_args)
+        distiller = build_method(teacher, method, method_args, student_backbone_args, steps=config.steps)
     source = make_source(distiller.needs, teacher.dataset, **pair_source_args(distiller, teacher, run_dir))
     result = train(distiller, source, config, run_dir=run_dir, progress=progress)
     nfes = sorted(set(nfe) | {1, 2, 4})

@@ -43,7 +43,7 @@ from fewstep.api import (
     evaluate_models,
     pair_source_args,
 )
-from fewstep.bench.suites import Suite, method_args, steps_for_budget
+from fewstep.bench.suites import TEACHER_FREE_EVALS_PER_SAMPLE, Suite, method_args, steps_for_budget
 from fewstep.cache import atomic_write
 from fewstep.data import load_dataset
 from fewstep.data.sources import make_source
@@ -275,14 +275,12 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     base_args = method_args(suite, method_name, 1)
     probe = build_method(teacher, method_cls, base_args, suite.student_backbone_args)
     per_sample = teacher_evals_per_sample(probe, dataset)
-    if per_sample <= 0:
-        raise ConfigError(f"method {method_name!r} made no teacher evaluations in a training step, so the "
-                          "teacher-evaluation budget cannot set its length")
-    steps = steps_for_budget(suite.teacher_eval_budget, per_sample, suite.batch_size)
+    steps = steps_for_budget(suite.teacher_eval_budget, per_sample or TEACHER_FREE_EVALS_PER_SAMPLE,
+                             suite.batch_size)
     args = method_args(suite, method_name, steps)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from the seed alone
         torch.manual_seed(seed)
-        distiller = build_method(teacher, method_cls, args, suite.student_backbone_args)
+        distiller = build_method(teacher, method_cls, args, suite.student_backbone_args, steps=steps)
     source = make_source(distiller.needs, dataset, **pair_source_args(distiller, teacher, None))
     config = TrainConfig(steps=steps, batch_size=suite.batch_size, lr=suite.lr, seed=seed,
                          max_seconds=suite.max_seconds)
@@ -294,7 +292,7 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     n, label = _figure_inputs(dataset, suite.conditional, seed)
     _save_samples(folder / f"{method_name}.safetensors",
                   {f"nfe{nfe}": student.sample(n, nfe, label=label, seed=seed) for nfe in suite.nfe})
-    return {"status": "capped" if result.stopped_early else "ok", "method_args": args,
+    return {"status": "capped" if result.stopped_early else "ok", "method_args": asdict(distiller.config),
             "teacher_evals_per_sample": per_sample, "steps": steps, "steps_done": result.steps_done,
             "train_seconds": result.seconds, "teacher_evals": result.teacher_evals,
             "rows": [row for row in report["results"] if row["role"] == "student"]}

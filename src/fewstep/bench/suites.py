@@ -3,8 +3,12 @@
 A :class:`Suite` is one table of ``BENCHMARKS.md``. Every method in a suite gets the same number of *teacher
 evaluations* (one denoiser call on one sample counts one, whether or not the call is guided), converted to
 training steps per method from what the method spends per step (CD and PD each make two teacher calls per
-training sample: CD one Heun step, PD two DDIM steps). ``max_seconds`` caps each cell's training wall time;
-a capped cell reports the teacher evaluations it actually used.
+training sample: CD one Heun step, PD two DDIM steps). Teacher-free methods (consistency training: CT, iCT,
+ECT, sCT) learn from data alone; they get the training steps of a method spending
+:data:`TEACHER_FREE_EVALS_PER_SAMPLE` = 2 evaluations per sample, i.e. as many steps and batches as CD.
+``max_seconds`` caps each cell's training wall time; a capped cell reports the teacher evaluations it
+actually used. A method whose schedule spans the run (a curriculum, stages) has it fitted to the cell's
+steps through its ``total_steps`` config field (see :func:`fewstep.build_method`).
 
 Per-method choices, the same in every suite:
 
@@ -54,6 +58,9 @@ class Suite:
     lr: float = 1e-3
     student_backbone_args: dict = field(default_factory=dict)
     method_args: dict[str, dict] = field(default_factory=dict)
+
+
+TEACHER_FREE_EVALS_PER_SAMPLE = 2.0
 
 
 def steps_for_budget(budget: int, teacher_evals_per_sample: float, batch_size: int) -> int:
