@@ -4,6 +4,7 @@ import torch
 
 import fewstep
 from fewstep.api import Student, Teacher
+from fewstep.data.spec import DatasetSpec
 
 
 def test_unet_teacher_trains_saves_and_reloads(tmp_path):
@@ -32,6 +33,21 @@ def test_distill_save_load_sample_and_evaluate_on_the_exact_ring(tmp_path):
         assert {"nfe", "nll", "modes_covered", "swd", "sec_per_sample", "flow_map_error"} <= set(row)
     assert report["speedup_reference"] == "teacher/heun@35" and rows["student/cd@2"]["speedup"] > 0
     assert report["noise_floor"]["exact_endpoint_error"] < 1e-3
+
+
+def test_a_student_of_an_outside_teacher_reloads_without_a_builtin_dataset(tmp_path):
+    """Students distilled from a teacher with no built-in dataset (a diffusers model) name an outside dataset;
+    they reload with an empty dataset of the model's shape and the saved normalisation."""
+    teacher = Teacher.analytic("ring8")
+    student = fewstep.distill(teacher, "cd", steps=2, student_backbone_args={"width": 16, "depth": 1},
+                              progress=False)
+    outside = DatasetSpec("diffusers:some/model", (2,), torch.empty(0, 2), torch.empty(0, 2),
+                          normalisation={"scale": 2.0})
+    Student(student.denoiser, "cd", student.sampling, outside).save(tmp_path / "s")
+    loaded = Student.load(tmp_path / "s")
+    assert loaded.dataset.name == "diffusers:some/model" and loaded.dataset.data_shape == (2,)
+    assert loaded.dataset.normalisation == {"scale": 2.0}
+    assert torch.equal(loaded.sample(8, nfe=2, seed=1), student.sample(8, nfe=2, seed=1))
 
 
 def test_guidance_conventions_through_the_teacher():

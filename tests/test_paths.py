@@ -12,6 +12,7 @@ from fewstep.paths import (
     RectifiedFlow,
     TrigFlow,
     VPCosine,
+    VPDiscrete,
     VPLinear,
     convert_state,
     convert_time,
@@ -21,7 +22,7 @@ from fewstep.paths import (
 )
 from fewstep.solvers import sample, solver_sigmas
 
-ALL_PATHS = [VE(), VPLinear(), VPCosine(), RectifiedFlow(), TrigFlow(0.5)]
+ALL_PATHS = [VE(), VPLinear(), VPCosine(), RectifiedFlow(), TrigFlow(0.5), VPDiscrete()]
 DT = torch.float64
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fewstep.cache import cache_dir
-from fewstep.data import load_dataset
+from fewstep.data import DATASETS, load_dataset
 from fewstep.data.sources import make_source
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
@@ -110,6 +110,17 @@ class Teacher:
         dataset = _as_dataset(dataset if dataset is not None else meta.get("dataset", ""))
         guidance = meta.get("guidance", {})
         return cls(denoiser, dataset, str(folder), guidance.get("scale", 1.0), guidance.get("convention", "cfg"))
+
+    @classmethod
+    def from_diffusers(cls, path_or_id: str | Path, subfolder: str | None = None,
+                       dataset: str | DatasetSpec | None = None, **kwargs) -> Teacher:
+        """A diffusers model (pipeline or model folder, or hub id) with path, prediction and time convention read
+        from its scheduler config; ``kwargs`` go to :func:`fewstep.hub.teachers.load_diffusers_teacher`
+        (``encoder_hidden_states``, ``pooled_projections``, ``data_shape``, ``num_classes``, ...)."""
+        from fewstep.hub.teachers import load_diffusers_teacher
+
+        spec = _as_dataset(dataset) if dataset is not None else None
+        return load_diffusers_teacher(path_or_id, subfolder, dataset=spec, **kwargs)
 
     @classmethod
     def train(cls, dataset: str | DatasetSpec, backbone: str = "mlp", backbone_args: dict | None = None,
@@ -204,7 +215,17 @@ class Student:
                               "use fewstep.Teacher.load for teachers")
         sampling = {int(nfe): Sampling(**spec) for nfe, spec in meta["sampling"].items()}
         extra = {k: v for k, v in meta.items() if k in ("teacher", "guidance")}
-        return cls(denoiser, meta.get("method", "?"), sampling, load_dataset(meta["dataset"]), extra)
+        return cls(denoiser, meta.get("method", "?"), sampling, _dataset_of(meta, denoiser), extra)
+
+
+def _dataset_of(meta: dict, denoiser: Denoiser) -> DatasetSpec:
+    """The built-in dataset a saved model names, or (a model distilled from an outside teacher, e.g. a diffusers
+    one) an empty dataset with the model's shape and the saved normalisation."""
+    if meta.get("dataset") in DATASETS:
+        return load_dataset(meta["dataset"])
+    empty = torch.empty(0, *denoiser.data_shape)
+    return DatasetSpec(str(meta.get("dataset", "external")), tuple(denoiser.data_shape), empty, empty,
+                       denoiser.num_classes, normalisation=meta.get("normalisation") or {})
 
 
 def build_method(teacher: Teacher, method: str | type, method_args: dict | None = None,

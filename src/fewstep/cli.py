@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("recipe", nargs="?", help="YAML recipe (see configs/); defaults give the demo job")
     distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=pd train.steps=2000")
     distill.add_argument("--quiet", action="store_true")
+    distill.add_argument("--num-processes", type=int, default=1, metavar="N",
+                         help="train in N local processes (gloo on CPU, NCCL on GPU); train.batch_size is global")
     distill.set_defaults(handler=cmd_distill)
 
     sample = commands.add_parser("sample", help="draw samples from a saved teacher or student")
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(handler=cmd_bench)
 
+    export = commands.add_parser("export", help="export a student: fewstep folder, diffusers pipeline or LoRA")
+    export.add_argument("folder", help="a run folder (its student/) or a student folder")
+    export.add_argument("--format", default="fewstep", choices=["fewstep", "diffusers", "lora"])
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(handler=cmd_export)
+
     methods = commands.add_parser("methods", help="list the registered methods")
     methods.set_defaults(handler=cmd_methods)
     return parser
@@ -108,14 +116,28 @@ def cmd_demo(args) -> None:
 
 def cmd_distill(args) -> None:
     from fewstep.config import load_recipe
-    from fewstep.run import run_recipe
+    from fewstep.run import check_recipe
 
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path is not None and "=" in recipe_path and not Path(recipe_path).exists():
         recipe_path, overrides = None, [recipe_path, *overrides]
     recipe = load_recipe(recipe_path, overrides)
-    report = run_recipe(recipe, progress=not args.quiet)
-    _print_report(report, Path(recipe.out))
+    if args.num_processes != 1:
+        from fewstep.train.parallel import launch
+
+        check_recipe(recipe)  # refuse a bad recipe once, before starting processes
+        launch(_distill_process, (recipe, not args.quiet), args.num_processes)
+        return
+    _distill_process(recipe, not args.quiet)
+
+
+def _distill_process(recipe, progress: bool) -> None:
+    """One process of ``fewstep distill``; in a multi-process run only rank 0 gets a report to print."""
+    from fewstep.run import run_recipe
+
+    report = run_recipe(recipe, progress=progress)
+    if report:
+        _print_report(report, Path(recipe.out))
 
 
 def _print_report(report: dict, out: Path) -> None:
@@ -207,6 +229,16 @@ def cmd_bench(args) -> None:
                        seed=args.seed, progress=not args.quiet, command=command)
     json_path = args.json or f"{args.out}/benchmarks.json"
     print(f"wrote {args.out}/BENCHMARKS.md, {json_path} and plots in {report['wall_seconds']:.0f} s")
+
+
+def cmd_export(args) -> None:
+    from fewstep.api import Student
+    from fewstep.hub.export import export_student
+
+    folder = Path(args.folder)
+    student = Student.load(folder if (folder / "fewstep.json").is_file() else folder / "student")
+    export_student(student, args.out, args.format)
+    print(f"wrote {args.format} export to {args.out}")
 
 
 def cmd_methods(args) -> None:

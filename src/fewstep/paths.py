@@ -211,8 +211,71 @@ class TrigFlow(NoisePath):
         return {"name": self.name, "sigma_data": self.sigma_data}
 
 
+class VPDiscrete(NoisePath):
+    """A discrete-time VP schedule (DDPM / diffusers): ``alphas_cumprod[i]`` at integer times ``i = 0..N-1``.
+
+    Time is continuous: ``log ve_sigma`` is linear in ``t`` between integer times (diffusers'
+    ``EulerDiscreteScheduler`` interpolation) and extended linearly beyond ``[0, N-1]``, so every noise level
+    has a time; the state follows ``alpha = 1 / sqrt(1 + s^2)``, ``sigma = s / sqrt(1 + s^2)``."""
+
+    name = "vp_discrete"
+
+    def __init__(self, alphas_cumprod: list[float] | None = None):
+        if alphas_cumprod is None:  # DDPM's schedule: 1000 steps, betas linear from 1e-4 to 0.02 (in float32)
+            alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0).tolist()
+        if len(alphas_cumprod) < 2:
+            raise ValueError("a discrete VP schedule needs at least two alphas_cumprod values")
+        self.alphas_cumprod = [float(a) for a in alphas_cumprod]
+        cumprod = torch.tensor(self.alphas_cumprod, dtype=torch.float64)
+        self.log_sigmas = 0.5 * torch.log((1 - cumprod) / cumprod)
+        if not bool((self.log_sigmas.diff() > 0).all()):
+            raise ValueError("alphas_cumprod must decrease strictly with time")
+        self.t_clean, self.t_noise = 0.0, float(len(alphas_cumprod) - 1)
+
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Index of the interpolation segment of ``t``, its left log-sigma and its slope."""
+        log_sigmas = self.log_sigmas.to(t.device)
+        index = torch.floor(t.double()).long().clamp(0, len(log_sigmas) - 2)
+        slope = log_sigmas[index + 1] - log_sigmas[index]
+        return index, log_sigmas[index], slope
+
+    def ve_sigma(self, t):
+        index, left, slope = self._segment(t)
+        return torch.exp(left + (t.double() - index) * slope).to(t.dtype)
+
+    def alpha(self, t):
+        return torch.rsqrt(1 + self.ve_sigma(t) ** 2)
+
+    def sigma(self, t):
+        s = self.ve_sigma(t)
+        return s * torch.rsqrt(1 + s**2)
+
+    def _d_ve_sigma(self, t):
+        return self.ve_sigma(t) * self._segment(t)[2].to(t.dtype)
+
+    def d_alpha(self, t):
+        s = self.ve_sigma(t)
+        return -s * (1 + s**2) ** -1.5 * self._d_ve_sigma(t)
+
+    def d_sigma(self, t):
+        return (1 + self.ve_sigma(t) ** 2) ** -1.5 * self._d_ve_sigma(t)
+
+    def t_from_ve_sigma(self, s):
+        log_sigmas = self.log_sigmas.to(s.device)
+        log_s = torch.log(s.double())
+        index = (torch.searchsorted(log_sigmas, log_s) - 1).clamp(0, len(log_sigmas) - 2)
+        left, slope = log_sigmas[index], log_sigmas[index + 1] - log_sigmas[index]
+        return (index + (log_s - left) / slope).to(s.dtype)
+
+    def config(self):
+        return {"name": self.name, "alphas_cumprod": self.alphas_cumprod}
+
+    def __repr__(self) -> str:
+        return f"VPDiscrete(num_timesteps={len(self.alphas_cumprod)})"
+
+
 PATHS: dict[str, type[NoisePath]] = {
-    cls.name: cls for cls in (VE, VPLinear, VPCosine, RectifiedFlow, TrigFlow)
+    cls.name: cls for cls in (VE, VPLinear, VPCosine, RectifiedFlow, TrigFlow, VPDiscrete)
 }
 
 

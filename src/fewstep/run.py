@@ -23,6 +23,7 @@ from fewstep.guidance import CONVENTIONS
 from fewstep.methods import METHODS
 from fewstep.models.io import load_model
 from fewstep.solvers import TEACHER_SOLVERS
+from fewstep.train.trainer import accelerator_for
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -63,16 +64,21 @@ def resolve_teacher(recipe: Recipe, progress: bool = True) -> Teacher:
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     """Run the whole job and write ``out/``: ``student/`` (the exported model), ``report.json``,
-    ``report.md``, ``samples.png`` (teacher vs student) and ``quality_vs_nfe.png``. Returns the report."""
+    ``report.md``, ``samples.png`` (teacher vs student) and ``quality_vs_nfe.png``. Returns the report.
+    In a multi-process run every process trains; rank 0 alone evaluates and writes, the others return ``{}``."""
     check_recipe(recipe)
     out = Path(recipe.out)
     started = time.perf_counter()
-    teacher = resolve_teacher(recipe, progress)
+    process = accelerator_for(recipe.train.device)  # one of several when launched multi-process
+    with process.main_process_first():  # rank 0 trains or caches the teacher before the others load it
+        teacher = resolve_teacher(recipe, progress and process.is_main_process)
     teacher_seconds = time.perf_counter() - started
     build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail before training
     student = distill(teacher, recipe.method, method_args=recipe.method_args, train_config=recipe.train,
                       student_backbone_args=recipe.student_backbone_args, run_dir=out / "run",
                       nfe=tuple(recipe.eval.student_nfe), progress=progress)
+    if not process.is_main_process:  # rank 0 evaluates and writes the files
+        return {}
     student.save(out / "student")
     ev = recipe.eval
     report = evaluate_models(teacher, [student], tuple(ev.student_nfe), tuple(ev.teacher_nfe),

@@ -5,18 +5,19 @@ attributes ``data_shape``, ``num_classes`` and ``hparams`` (the keyword argument
 
 from torch import nn
 
+from fewstep.nets.diffusers_backbone import DiffusersBackbone
 from fewstep.nets.embeddings import add_extra_conditions
 from fewstep.nets.mlp import MLP
 from fewstep.nets.unet import SmallUNet
 
-BACKBONES: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": SmallUNet}
+BACKBONES: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": SmallUNet, "diffusers": DiffusersBackbone}
 
 
 def build_backbone(name: str, **hparams) -> nn.Module:
-    """Build a backbone by name (``"mlp"`` or ``"unet"``) from its keyword arguments."""
+    """Build a backbone by name (``"mlp"``, ``"unet"`` or ``"diffusers"``) from its keyword arguments."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[name](**hparams)
 
 
-__all__ = ["BACKBONES", "MLP", "SmallUNet", "add_extra_conditions", "build_backbone"]
+__all__ = ["BACKBONES", "MLP", "DiffusersBackbone", "SmallUNet", "add_extra_conditions", "build_backbone"]

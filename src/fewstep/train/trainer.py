@@ -25,21 +25,43 @@ all state lives where the checkpoint sees it: the method's ``state_dict`` (param
 ``get_extra_state`` for JSON-serialisable non-tensor state) and, for a source with state of its own (e.g. its
 position in an epoch), the source's optional ``state_dict()`` / ``load_state_dict(state)``.
 
-Accelerate picks the device (``cpu=True`` for ``"cpu"``) and does the backward pass and gradient clipping.
-Two awkward spots, handled explicitly: (1) the method is not passed through ``accelerator.prepare``: DDP
-synchronises gradients through ``forward()`` while methods compute losses through ``losses()``, so
-multi-process runs need that solved first and are refused here rather than silently training unsynchronised
-replicas; (2) accelerate keeps one state per process, so the first ``train`` call fixes the device for the
-whole process, and a later call asking for another device raises :class:`ConfigError`.
+Scale (see :mod:`fewstep.train.parallel` and :mod:`fewstep.train.memory`):
+
+* ``batch_size`` is the *global* batch of one optimizer update. Every process draws the same global batch
+  (same data generator, same source state) and keeps its own slice; with ``grad_accumulation = k`` each
+  process's slice is further cut into ``k`` micro-batches whose gradients are summed (each loss divided by
+  ``k``). So each process holds ``batch_size / (num_processes * k)`` samples at a time, the data a run sees
+  does not depend on the process count, and ``batch_size`` must be a multiple of ``num_processes * k``.
+* After the backward passes the phase's gradients and the logged loss values are averaged over processes;
+  the update equals a one-process update on the global batch (up to the method's own noise draws, which come
+  from a per-process noise generator so processes do not repeat each other's noise).
+* Rank 0 alone writes checkpoints, ``log.csv``, tensorboard, ``memory.json`` and the progress bar. Stop
+  decisions agree on every process: ``max_seconds`` is rank 0's clock, broadcast; the divergence checks use
+  the averaged losses and the (identical) weights.
+* Checkpoints do not depend on the process count: replicas are identical, so rank 0's weights, EMA and
+  optimizer states are the whole state; the step is the global step. Each process's own generators are
+  stored by rank and restored when resuming under the same process count; under another count each
+  process's noise and global RNG are re-seeded from ``(seed, rank, step)``.
+* ``mixed_precision: bf16`` runs ``method.losses`` under ``torch.autocast`` in bfloat16 (weights and
+  optimizer stay float32); ``teacher_dtype`` stores the frozen teacher in a lower precision;
+  ``gradient_checkpointing`` recomputes backbone blocks in the backward pass.
+
+Accelerate sets up the process (device, and the process group when launched with several processes) and
+does the backward pass. The method is not passed through ``accelerator.prepare``; see
+:mod:`fewstep.train.parallel` for why gradients are averaged explicitly. Accelerate keeps one state per
+process, so the first ``train`` call fixes the device for the whole process, and a later call asking for
+another device raises :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,6 +82,17 @@ from fewstep.train.checkpoint import (
     save_checkpoint,
 )
 from fewstep.train.ema import EMA, warmup_decay
+from fewstep.train.memory import (
+    TEACHER_DTYPES,
+    enable_gradient_checkpointing,
+    format_plan,
+    memory_plan,
+    set_teacher_dtype,
+)
+from fewstep.train.parallel import average, average_gradients, gather, rank0_decides, total
+
+MIXED = ("no", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -71,7 +104,14 @@ class TrainConfig:
     :mod:`fewstep.train.teacher`). ``warmup_steps`` ramps every learning rate linearly over the first
     steps. ``grad_clip`` is the maximum gradient norm of one phase update (0 disables clipping).
     ``ema_decay`` is reached after a warm-up, see :func:`fewstep.train.ema.warmup_decay`. ``max_seconds``
-    caps this call's wall time: training stops at the first step boundary past it (and checkpoints)."""
+    caps this call's wall time: training stops at the first step boundary past it (and checkpoints).
+
+    Scale: ``batch_size`` is the global batch of one update over all processes; ``grad_accumulation``
+    splits each process's share into that many micro-batches; ``mixed_precision`` is ``"no"`` or ``"bf16"``
+    (autocast of the losses); ``teacher_dtype`` (float32, bfloat16, float16) is the frozen teacher's weight
+    dtype; ``gradient_checkpointing`` recomputes backbone blocks in the backward pass; ``distributed`` is
+    ``"ddp"`` (replicated weights, averaged gradients); ``"fsdp"`` (sharded weights) is refused for now,
+    see :data:`FSDP_REFUSAL`."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -86,6 +126,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     device: str = "cpu"
     max_seconds: float | None = None
+    grad_accumulation: int = 1
+    mixed_precision: str = "no"
+    teacher_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    distributed: str = "ddp"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -96,6 +141,8 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps >= 0, "ema_decay": 0 <= self.ema_decay <= 1,
             "log_every": self.log_every >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "max_seconds": self.max_seconds is None or self.max_seconds >= 0,
+            "grad_accumulation": self.grad_accumulation >= 1, "mixed_precision": self.mixed_precision in MIXED,
+            "teacher_dtype": self.teacher_dtype in TEACHER_DTYPES, "distributed": self.distributed in DISTRIBUTED,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -121,16 +168,26 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
           resume: bool = True, progress: bool = True) -> TrainResult:
     """Train ``method`` on batches from ``source`` (anything with ``batch(batch_size, generator) -> Batch``).
 
-    With ``run_dir``: checkpoints (``checkpoint/``), ``log.csv`` and, when tensorboard is installed,
-    ``tensorboard/``; with ``resume`` an existing checkpoint is continued. A non-finite loss or weight raises
-    :class:`TrainingDiverged` without checkpointing the bad state."""
-    accelerator = _accelerator(config.device)
-    device = accelerator.device
+    With ``run_dir``: checkpoints (``checkpoint/``), ``log.csv``, ``memory.json`` and, when tensorboard is
+    installed, ``tensorboard/``; with ``resume`` an existing checkpoint is continued (also under another
+    process count). A non-finite loss or weight raises :class:`TrainingDiverged` without checkpointing the
+    bad state. In a multi-process run every process calls this with the same arguments."""
+    accelerator = accelerator_for(config.device)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
     run_dir = None if run_dir is None else Path(run_dir)
+    if config.distributed == "fsdp":
+        raise ConfigError(FSDP_REFUSAL)
+    if config.batch_size % (world * config.grad_accumulation):
+        raise ConfigError(f"train.batch_size={config.batch_size} must be a multiple of the number of processes "
+                          f"({world}) times train.grad_accumulation ({config.grad_accumulation})")
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(_rank_seed(config.seed, rank))
     generators = {"data": torch.Generator().manual_seed(config.seed),
-                  "noise": torch.Generator(device=device).manual_seed(config.seed + 1)}
+                  "noise": torch.Generator(device=device).manual_seed(_rank_seed(config.seed + 1, rank))}
+    set_teacher_dtype(method, config.teacher_dtype)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(method)
     method.to(device).train()
     student = method.student_denoiser()
     ema = EMA(student)
@@ -143,12 +200,13 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
     start, seconds_before, last_good = 0, 0.0, None
     if run_dir is not None and resume and checkpoint_folder(run_dir) is not None:
         checkpoint = load_checkpoint(run_dir)
-        seconds_before = _restore(checkpoint, method, source, ema, optimizers, generators)
+        seconds_before = _restore(checkpoint, method, source, ema, optimizers, generators, config, rank, world)
         start, last_good = checkpoint.step, (checkpoint.step, checkpoint.folder)
 
-    log = CSVLog(run_dir / "log.csv", keep_until_step=start) if run_dir is not None else None
-    writer = _tensorboard_writer(run_dir) if run_dir is not None else None
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", desc=type(method).__name__)
+    log = CSVLog(run_dir / "log.csv", keep_until_step=start) if run_dir is not None and main else None
+    writer = _tensorboard_writer(run_dir) if run_dir is not None and main else None
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), unit="step",
+               desc=type(method).__name__)
     window: dict[str, dict[str, list[float]]] = {}
     last_losses: dict[str, float] = {}
     started = time.perf_counter()
@@ -172,7 +230,8 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
         window.clear()
 
     def save() -> tuple[int, Path]:
-        return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(), device)
+        return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(), device,
+                           main)
 
     try:
         for step in range(start, config.steps):
@@ -189,11 +248,15 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                         phases[name] = {phase.name: phase for phase in method.phases()}[name]
                         optimizers[name] = _optimizer(phases[name], config, warmup)
             ema.update(student, warmup_decay(config.ema_decay, step))
+            if step == start and main:
+                _report_memory(method, phases, optimizers, device, run_dir, progress)
             done = step + 1
             bar.update(1)
             if done % config.log_every == 0:
                 flush_window()
             out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
+            if world > 1:
+                out_of_time = rank0_decides(out_of_time, device)
             stopped_early = out_of_time and done < config.steps
             if run_dir is not None and (done % config.checkpoint_every == 0 or stopped_early):
                 last_good = save()
@@ -213,21 +276,37 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
     ema_student = copy.deepcopy(student)
     ema.copy_to(ema_student)
     teacher_evals = getattr(method, "teacher_evals", None)
+    if teacher_evals is not None and world > 1:
+        teacher_evals = total(int(teacher_evals), device)
     return TrainResult(
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
         stopped_early=stopped_early, teacher_evals=None if teacher_evals is None else int(teacher_evals),
         checkpoint=None if last_good is None else last_good[1])
 
 
-def _accelerator(device: str) -> Accelerator:
-    """accelerate's process-wide state for ``device``, refusing what this loop cannot do."""
+# torch's FSDP2 (``fully_shard``) does run on CPU over gloo; what is missing is the method side: sharded
+# (DTensor) weights need every network a method mixes with the student (target EMA, fake score) sharded alike,
+# and checkpoints need full-state gathering.
+FSDP_REFUSAL = ("train.distributed=fsdp is not supported yet: methods update target networks and EMAs from "
+                "the student's full weights between steps, which FSDP shards; use train.distributed=ddp")
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a process's own generators: ``seed`` itself for rank 0 at step 0 (so one-process runs are
+    unchanged), otherwise a hash of ``(seed, rank, step)``."""
+    if rank == 0 and step == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:7], "little")
+
+
+def accelerator_for(device: str) -> Accelerator:
+    """accelerate's process-wide state for ``device``: the device, and the process group when launched with
+    several processes. Every call in one process must ask for the same device type."""
     try:
         accelerator = Accelerator(cpu=device == "cpu")
     except ValueError as error:  # the process's accelerate state was set up for another device
         raise ConfigError(f"train config: device {device!r}: an earlier run set this process up for another "
                           f"device (accelerate allows one per process): {one_line(error)}") from error
-    if accelerator.num_processes > 1:
-        raise ConfigError("multi-process training is not supported yet: run fewstep in a single process")
     if accelerator.device.type != torch.device(device).type:
         raise ConfigError(f"train config: device {device!r} is not available in this process (accelerate chose "
                           f"{accelerator.device}; the first run fixes the device for the whole process)")
@@ -239,21 +318,42 @@ def _optimizer(phase: Phase, config: TrainConfig, warmup: float = 1.0) -> torch.
                              weight_decay=config.weight_decay)
 
 
+def _shard(batch, start: int, stop: int):
+    """Rows ``start:stop`` of every field of a batch (a dataclass of tensors or None)."""
+    return type(batch)(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[start:stop]
+                          for f in fields(batch)})
+
+
 def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, source, step: int,
             generators: dict[str, torch.Generator], config: TrainConfig, accelerator: Accelerator,
             last_good: tuple[int, Path] | None) -> dict[str, float]:
-    """One optimizer update of ``phase``; returns its losses as floats. Gradients of every parameter are
-    cleared first, so a phase never steps with gradients another phase's loss left behind."""
-    batch = source.batch(config.batch_size, generators["data"]).to(accelerator.device)
-    losses = method.losses(phase.name, batch, step, generators["noise"])
-    values = dict(zip(losses, torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist(),
-                      strict=True))
+    """One optimizer update of ``phase`` on one global batch; returns its losses (means over the global batch)
+    as floats. Gradients of every parameter are cleared first, so a phase never steps with gradients another
+    phase's loss left behind."""
+    batch = source.batch(config.batch_size, generators["data"])
+    world, k = accelerator.num_processes, config.grad_accumulation
+    size = config.batch_size // (world * k)
+    first = accelerator.process_index * k
+    method.zero_grad(set_to_none=True)
+    sums = None
+    for micro in range(first, first + k):
+        part = _shard(batch, micro * size, (micro + 1) * size).to(accelerator.device)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+            losses = method.losses(phase.name, part, step, generators["noise"])
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        sums = values if sums is None else sums + values
+        if math.isfinite(float(values.sum())):
+            accelerator.backward(losses["loss"] / k if k > 1 else losses["loss"])
+    means = sums / k
+    if world > 1:
+        means = average(means)
+    values = dict(zip(losses, means.tolist(), strict=True))
     for key, value in values.items():
         if not math.isfinite(value):
             raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': loss '{key}' is "
                                    f"{value}; {_last_good(last_good)}")
-    method.zero_grad(set_to_none=True)
-    accelerator.backward(losses["loss"])
+    if world > 1:
+        average_gradients(phase.parameters)
     if config.grad_clip > 0:
         accelerator.clip_grad_norm_(phase.parameters, config.grad_clip)
     optimizer.step()
@@ -263,28 +363,50 @@ def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, s
     return values
 
 
+def _report_memory(method: nn.Module, phases: dict[str, Phase], optimizers: dict[str, torch.optim.Optimizer],
+                   device: torch.device, run_dir: Path | None, progress: bool) -> None:
+    """After the first cycle: ``run_dir/memory.json`` and one printed line (see :func:`memory_plan`)."""
+    trainable = [p for phase in phases.values() for p in phase.parameters]
+    plan = memory_plan(method, trainable, optimizers, device)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "memory.json").write_text(json.dumps(plan, indent=2) + "\n")
+    if progress:
+        tqdm.write(format_plan(plan))
+
+
 def _last_good(last_good: tuple[int, Path] | None) -> str:
     if last_good is None:
         return "no checkpoint was written"
     return f"the last good checkpoint is {last_good[1]} (step {last_good[0]})"
 
 
+def _process_rng(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, str]:
+    rng = {"noise": encode_rng_state(generators["noise"].get_state()), "torch": encode_rng_state(torch.get_rng_state())}
+    if device.type == "cuda":
+        rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
+    return rng
+
+
 def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
           optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-          config: TrainConfig, seconds: float, device: torch.device) -> Path:
+          config: TrainConfig, seconds: float, device: torch.device, main: bool) -> Path:
     """Checkpoint tensors as ``method.*``, ``ema.*`` and ``source.*``; non-tensor entries of the method's and
-    the source's state go to ``state.json`` and must be JSON-serialisable."""
+    the source's state go to ``state.json`` and must be JSON-serialisable. Every process takes part (their
+    generator states are gathered); rank 0 writes."""
+    process_rng = _process_rng(generators, device)
+    ranks = gather(process_rng) if torch.distributed.is_initialized() else [process_rng]
+    target = run_dir / "checkpoint"
+    if not main:
+        return target
     method_tensors, method_extra = _split_tensors(method.state_dict())
     source_tensors, source_extra = _split_tensors(source.state_dict() if hasattr(source, "state_dict") else {})
     tensors = {f"method.{k}": v for k, v in method_tensors.items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
-    rng = {name: encode_rng_state(generator.get_state()) for name, generator in generators.items()}
-    rng["torch"] = encode_rng_state(torch.get_rng_state())
-    if device.type == "cuda":
-        rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
+    rng = {"data": encode_rng_state(generators["data"].get_state()), "ranks": ranks}
     state = {"method": type(method).__name__, "seconds": seconds, "rng": rng, "config": asdict(config),
-             "method_extra": method_extra, "source_extra": source_extra}
+             "num_processes": len(ranks), "method_extra": method_extra, "source_extra": source_extra}
     return save_checkpoint(run_dir, step, tensors, {name: opt.state_dict() for name, opt in optimizers.items()},
                            state)
 
@@ -296,8 +418,11 @@ def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
 
 
 def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
-             optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator]) -> float:
-    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds."""
+             optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
+             config: TrainConfig, rank: int, world: int) -> float:
+    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds.
+    A checkpoint from another process count restores everything but this process's own generators, which are
+    re-seeded from ``(seed, rank, step)``."""
     folder, state = checkpoint.folder, checkpoint.state
     if state.get("method") != type(method).__name__:
         raise CheckpointError(f"{folder} was written by method {state.get('method')!r}, not "
@@ -317,11 +442,17 @@ def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
             source.load_state_dict(tensors["source"] | state["source_extra"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(checkpoint.optimizer_states[name])
-        for name, generator in generators.items():
-            generator.set_state(decode_rng_state(state["rng"][name]))
-        torch.set_rng_state(decode_rng_state(state["rng"]["torch"]))
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(decode_rng_state(state["rng"]["cuda"]))
+        rng = state["rng"]
+        generators["data"].set_state(decode_rng_state(rng["data"]))
+        ranks = rng.get("ranks", [rng])  # checkpoints written before multi-process training kept one process
+        if len(ranks) == world:
+            generators["noise"].set_state(decode_rng_state(ranks[rank]["noise"]))
+            torch.set_rng_state(decode_rng_state(ranks[rank]["torch"]))
+            if "cuda" in ranks[rank]:
+                torch.cuda.set_rng_state(decode_rng_state(ranks[rank]["cuda"]))
+        else:
+            generators["noise"].manual_seed(_rank_seed(config.seed + 1, rank, checkpoint.step))
+            torch.manual_seed(_rank_seed(config.seed, rank, checkpoint.step))
         return float(state["seconds"])
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{folder} cannot be restored: {type(error).__name__}: {one_line(error)}") from error
