@@ -34,7 +34,8 @@ def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3
 
 def draw(method, student, nfe: int) -> torch.Tensor:
     spec = method.sampling(nfe)
-    return sample(student, NOISE, spec.sampler, torch.tensor(spec.sigmas), torch.Generator().manual_seed(12))
+    denoise = lambda x, s, *target: student(x, s, None, *target)  # noqa: E731  (flow-map samplers pass a target)
+    return sample(denoise, NOISE, spec.sampler, torch.tensor(spec.sigmas), torch.Generator().manual_seed(12))
 
 
 @cache

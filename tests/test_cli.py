@@ -53,6 +53,14 @@ def test_unknown_key_in_a_recipe_file_and_wrong_type(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_value_the_method_refuses(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["distill", "dataset=ring8", "teacher.source=analytic", f"out={out}",
+                            "method_args.distance=lpips"], capsys)
+    assert_one_line_error(code, err, "method_args for cd", "distance must be 'pseudo_huber' or 'l2'")
+    assert not out.exists()
+
+
 def test_missing_recipe_file(tmp_path, capsys):
     code, _, err = run_cli(["distill", str(tmp_path / "nope.yaml")], capsys)
     assert_one_line_error(code, err, "nope.yaml")

@@ -32,7 +32,7 @@ from fewstep.methods import METHODS
 from fewstep.methods.base import Sampling
 from fewstep.models.analytic import GaussianMixture
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.io import load_model, save_model
+from fewstep.models.io import load_model, one_line, save_model
 from fewstep.nets import build_backbone
 from fewstep.solvers import ode_endpoint, sample, solver_sigmas
 from fewstep.train.teacher import TeacherConfig, train_teacher
@@ -246,7 +246,10 @@ def build_method(teacher: Teacher, method: str | type, method_args: dict | None 
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}
     student = method_cls.build_student(teacher.guided, config, lambda: build_backbone("mlp", **backbone_args),
                                        dataset.sigma_data)
-    return method_cls(teacher.guided, student, config)
+    try:
+        return method_cls(teacher.guided, student, config)
+    except ValueError as error:  # a method refusing its hyper-parameters: the user's input, one line
+        raise ConfigError(f"method_args for {method_cls.name}: {one_line(error)}") from error
 
 
 def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size: int = 256, lr: float = 2e-4,

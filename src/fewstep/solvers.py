@@ -7,7 +7,8 @@ SNR matching, one sampler serves every teacher; DDIM is :func:`sample_euler` in 
 
 Teacher solvers (training-free baselines): ``euler``, ``heun`` (EDM's 2nd order), ``dpmpp_2m``
 (DPM-Solver++(2M)). Students: ``euler`` on the student's own grid (deterministic multi-step, e.g. PD),
-and ``consistency`` (denoise, then re-noise with fresh noise, Song et al. 2023).
+``consistency`` (denoise, then re-noise with fresh noise, Song et al. 2023) and ``flow_map`` (jumps of a
+two-time student ``denoise(x, s, s_next)``, e.g. CTM).
 """
 
 from __future__ import annotations
@@ -104,11 +105,31 @@ def sample_consistency(denoise: Denoise, x: Tensor, sigmas: Tensor,
     return x0
 
 
+@torch.no_grad()
+def sample_flow_map(denoise: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor,
+                    generator: torch.Generator | None = None, gamma: float = 0.0) -> Tensor:
+    """Jumps of a flow map ``G(x, s, s') = (s'/s) x + (1 - s'/s) g(x, s, s')`` down ``sigmas``, with the
+    two-time output ``g = denoise(x, s, s')``: one network evaluation per jump.
+
+    ``gamma`` is CTM's gamma-sampling (Kim et al. 2023): jump to ``s'' = sqrt(1 - gamma^2) s'``, then add
+    fresh noise ``gamma s' z``. ``gamma = 0`` (the default) is deterministic; ``gamma = 1`` jumps to 0 and
+    re-noises, which is :func:`sample_consistency` with ``denoise(x, s, 0)``."""
+    for s, s_next in itertools.pairwise(sigmas):
+        target = math.sqrt(1.0 - gamma**2) * s_next
+        x0 = denoise(x, _level(s, x), _level(target, x))
+        x = x0 + (target / s) * (x - x0)
+        if gamma > 0 and s_next > 0:
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + gamma * s_next * z
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "consistency": sample_consistency,
+    "flow_map": sample_flow_map,
 }
 TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m")
 

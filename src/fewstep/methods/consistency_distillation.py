@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fewstep.errors import ConfigError
 from fewstep.methods.base import Batch, DistillationMethod, MethodConfig, Sampling, teacher_backbone_copy
 from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
 from fewstep.paths import bcast
@@ -57,6 +58,30 @@ def squared_l2(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).flatten(1).pow(2).mean(1)
 
 
+def check_distance(distance: str) -> None:
+    if distance not in ("pseudo_huber", "l2"):
+        raise ConfigError(f"method_args.distance must be 'pseudo_huber' or 'l2', got {distance!r}")
+
+
+def consistency_distance(prediction: Tensor, target: Tensor, distance: str, huber_c: float) -> Tensor:
+    """Per-sample pseudo-Huber (``distance = "pseudo_huber"``) or mean squared (``"l2"``) distance."""
+    if distance == "pseudo_huber":
+        return pseudo_huber(prediction, target, huber_c)
+    return squared_l2(prediction, target)
+
+
+def default_huber_c(student: Denoiser, huber_c: float | None) -> float:
+    """iCT's ``c = 0.00054 sqrt(dim)`` unless ``huber_c`` is given."""
+    return huber_c if huber_c is not None else 0.00054 * math.sqrt(math.prod(student.data_shape))
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, mu: float) -> None:
+    """``theta_target <- mu theta_target + (1 - mu) theta_source``, in place."""
+    for p_target, p in zip(target.parameters(), source.parameters(), strict=True):
+        p_target.lerp_(p, 1.0 - mu)
+
+
 def multistep_sigmas(nfe: int, sigma_max: float, sigma_min: float) -> list[float]:
     """``nfe`` levels geometric from ``sigma_max`` to ``sigma_min`` (just ``[sigma_max]`` for one step)."""
     if nfe == 1:
@@ -73,15 +98,13 @@ class ConsistencyDistillation(DistillationMethod):
 
     def __init__(self, teacher: Denoiser, student: Denoiser, config: CDConfig):
         super().__init__(teacher, student, config)
-        if config.distance not in ("pseudo_huber", "l2"):
-            raise ValueError(f"distance must be 'pseudo_huber' or 'l2', got {config.distance!r}")
+        check_distance(config.distance)
         if config.num_scales < 2:
             raise ValueError(f"num_scales must be >= 2, got {config.num_scales}")
         self.target = copy.deepcopy(student).requires_grad_(False)
         self.register_buffer("grid", karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
                                                    config.rho, dtype=torch.float32))
-        dim = math.prod(student.data_shape)
-        self.huber_c = config.huber_c if config.huber_c is not None else 0.00054 * math.sqrt(dim)
+        self.huber_c = default_huber_c(student, config.huber_c)
         self.teacher_evals = 0
 
     @classmethod
@@ -108,17 +131,11 @@ class ConsistencyDistillation(DistillationMethod):
             target = self.target(x_lo, s_lo, label)
         self.teacher_evals += 2 * x0.shape[0]
         prediction = self.student(x_hi, s_hi, label)
-        if self.config.distance == "pseudo_huber":
-            per_sample = pseudo_huber(prediction, target, self.huber_c)
-        else:
-            per_sample = squared_l2(prediction, target)
+        per_sample = consistency_distance(prediction, target, self.config.distance, self.huber_c)
         return {"loss": per_sample.mean()}
 
-    @torch.no_grad()
     def after_update(self, phase: str, step: int) -> bool:
-        mu = self.config.target_ema
-        for p_target, p in zip(self.target.parameters(), self.student.parameters(), strict=True):
-            p_target.lerp_(p, 1.0 - mu)
+        ema_update_(self.target, self.student, self.config.target_ema)
         return False
 
     def sampling(self, nfe: int) -> Sampling:

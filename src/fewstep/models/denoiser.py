@@ -9,8 +9,11 @@ Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a 
 
 * :class:`EDMDenoiser`: EDM's ``x0 = c_skip x + c_out F(c_in x, log(s)/4)``;
 * :class:`ConsistencyDenoiser`: the same with consistency-model coefficients, so ``f(x, s_min) = x``;
+* :class:`TwoTimeDenoiser`: EDM's form with the target time ``s_next`` as an extra input, the output ``g`` of
+  a flow map ``G(x, s, s_next) = (s_next/s) x + (1 - s_next/s) g`` (CTM);
 * :class:`PathDenoiser`: a network trained on another path with another prediction (eps on VP, velocity
-  on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``.
+  on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``;
+* :class:`FixedExtraDenoiser`: one of these with its extra scalar inputs held fixed.
 """
 
 from __future__ import annotations
@@ -113,6 +116,35 @@ class ConsistencyDenoiser(EDMDenoiser):
         return {"kind": "consistency", "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
 
 
+class TwoTimeDenoiser(EDMDenoiser):
+    """The two-time output ``g(x, s, s_next)`` of a flow map (Consistency Trajectory Models, Kim et al. 2023)::
+
+        G(x, s, s_next) = (s_next/s) x + (1 - s_next/s) g(x, s, s_next),   s_next <= s
+
+    ``g`` is EDM-preconditioned at ``s`` with ``s_next`` fed to the backbone's single extra condition as
+    ``log(max(s_next, zero_level)) / 4`` (like ``c_noise``): the target time 0 is read as ``zero_level``,
+    below every positive level a sampler uses. ``s_next=None`` means 0, so ``denoiser(x, s, label)`` is the
+    one-jump map to clean data. A backbone whose extra condition is still zero (a fresh
+    :func:`~fewstep.nets.add_extra_conditions`) gives ``g(x, s, s_next) = `` the EDM denoiser for every
+    ``s_next``, so a flow map built on a teacher's copy starts as the teacher's DDIM jump."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, zero_level: float = 1e-4):
+        super().__init__(backbone, sigma_data)
+        if len(getattr(backbone, "extra_embeddings", ())) != 1:
+            raise ValueError("a TwoTimeDenoiser needs a backbone with exactly one extra condition (the target "
+                             "time): build it with extra_conditions=1 or fewstep.nets.add_extra_conditions")
+        self.zero_level = zero_level
+
+    def forward(self, x, s, label=None, s_next=None):
+        s = as_sigma(s, x)
+        s_next = torch.zeros_like(s) if s_next is None else as_sigma(s_next, x)
+        target = 0.25 * torch.log(s_next.clamp(min=self.zero_level))
+        return super().forward(x, s, label, target[:, None])
+
+    def config(self) -> dict:
+        return {"kind": "two_time", "sigma_data": self.sigma_data, "zero_level": self.zero_level}
+
+
 class PathDenoiser(Denoiser):
     """A backbone trained on ``path`` that outputs ``prediction`` given ``(x_t, t * time_scale, label)``."""
 
@@ -136,6 +168,27 @@ class PathDenoiser(Denoiser):
                 "time_scale": self.time_scale, "sigma_data": self.sigma_data}
 
 
+class FixedExtraDenoiser(Denoiser):
+    """A network denoiser with its ``extra`` scalar conditions held fixed, so that it answers the plain
+    ``(x, s, label)`` call (e.g. a guidance-conditioned LCM student at its sampling guidance scale)."""
+
+    def __init__(self, denoiser: EDMDenoiser | PathDenoiser, extra: list[float]):
+        super().__init__()
+        self.denoiser, self.extra = denoiser, [float(value) for value in extra]
+        self.data_shape, self.num_classes = denoiser.data_shape, denoiser.num_classes
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.backbone
+
+    def forward(self, x, s, label=None):
+        extra = torch.tensor(self.extra, dtype=x.dtype, device=x.device).expand(x.shape[0], -1)
+        return self.denoiser(x, s, label, extra)
+
+    def config(self) -> dict:
+        return {"kind": "fixed_extra", "extra": self.extra, "denoiser": self.denoiser.config()}
+
+
 def denoiser_from_config(backbone: nn.Module, config: dict) -> Denoiser:
     """Rebuild a preconditioned denoiser from its ``config()`` around ``backbone``."""
     config = dict(config)
@@ -144,7 +197,12 @@ def denoiser_from_config(backbone: nn.Module, config: dict) -> Denoiser:
         return EDMDenoiser(backbone, **config)
     if kind == "consistency":
         return ConsistencyDenoiser(backbone, **config)
+    if kind == "two_time":
+        return TwoTimeDenoiser(backbone, **config)
     if kind == "path":
         config["path"] = path_from_config(config["path"])
         return PathDenoiser(backbone, **config)
-    raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency' or 'path'")
+    if kind == "fixed_extra":
+        return FixedExtraDenoiser(denoiser_from_config(backbone, config["denoiser"]), config["extra"])
+    raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency', 'two_time', 'path' or "
+                     "'fixed_extra'")

@@ -116,8 +116,13 @@ def load_model(folder: str | Path) -> tuple[Denoiser, dict]:
 def reading_of(denoiser_config: dict) -> dict:
     """Human-readable ``path``, ``prediction`` and ``time_convention`` of a denoiser config."""
     kind = denoiser_config["kind"]
+    if kind == "fixed_extra":
+        return reading_of(denoiser_config["denoiser"])
     if kind in ("edm", "consistency"):
         return {"path": "ve", "prediction": kind, "time_convention": "c_noise = log(sigma) / 4"}
+    if kind == "two_time":
+        return {"path": "ve", "prediction": "edm, target time as extra condition",
+                "time_convention": "c_noise = log(sigma) / 4, extra = log(max(sigma_next, zero_level)) / 4"}
     if kind == "path":
         return {"path": denoiser_config["path"]["name"], "prediction": denoiser_config["prediction"],
                 "time_convention": f"backbone time = t * {denoiser_config['time_scale']:g}"}

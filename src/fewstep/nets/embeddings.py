@@ -21,7 +21,7 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        angles = c_noise.float().reshape(-1, 1) * self.freqs[None]
+        angles = c_noise.to(self.freqs.dtype).reshape(-1, 1) * self.freqs[None]
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1))
 
 

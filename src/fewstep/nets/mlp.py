@@ -50,7 +50,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
         emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
-        h = self.input(x.reshape(x.shape[0], -1).float())
+        h = self.input(x.reshape(x.shape[0], -1).to(self.input.weight.dtype))
         for block in self.blocks:
             h = block(h, emb)
         return self.output(h).reshape(x.shape)

@@ -61,7 +61,7 @@ class SmallUNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
         emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
-        h = self.down1(self.input(x.float()), emb)
+        h = self.down1(self.input(x.to(self.input.weight.dtype)), emb)
         m = self.mid2(self.mid1(self.downsample(h), emb), emb)
         u = self.up1(torch.cat([self.upsample(m), h], dim=1), emb)
         return self.output(u)
