@@ -1,7 +1,7 @@
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 import torch
@@ -186,6 +186,15 @@ def test_method_without_teacher_eval_counter_is_refused():
     del distiller.teacher_evals
     with pytest.raises(ConfigError, match="teacher_evals"):
         teacher_evals_per_sample(distiller, teacher.dataset)
+
+
+def test_staged_methods_spread_their_stages_over_the_cells_steps():
+    suite = SUITES["quick"][0]
+    assert method_args(suite, "hyper_sd", 1000)["steps_per_stage"] == 250
+    assert method_args(suite, "ect", 1000)["steps_per_stage"] == 125
+    assert method_args(suite, "ect", 3)["steps_per_stage"] == 1
+    for name in ("hyper_sd", "ect"):  # the argument the bench fills is one the method takes
+        assert "steps_per_stage" in {f.name for f in fields(METHODS[name].Config)}
 
 
 def test_budget_conversion_and_pd_rounds():

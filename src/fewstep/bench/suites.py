@@ -13,6 +13,8 @@ steps through its ``total_steps`` config field (see :func:`fewstep.build_method`
 Per-method choices, the same in every suite:
 
 * CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance).
+* Staged methods (Hyper-SD, ECT): ``steps_per_stage`` splits the cell's steps into their stages
+  (:data:`STAGES_PER_RUN`); curricula (CT, iCT) span the run through ``total_steps``.
 * PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
   the halving rounds (``steps_per_round = steps // rounds``). Its 1- and 2-NFE cells use the 4-step student
   on the coarser nested grids, with no training for them: going below 4 steps would cost PD more rounds
@@ -63,6 +65,12 @@ class Suite:
 TEACHER_FREE_EVALS_PER_SAMPLE = 2.0
 
 
+# Methods whose schedule advances in stages of ``steps_per_stage`` updates, and the stages a cell's steps are
+# split into: Hyper-SD's 8 -> 4 -> 2 segment stages plus the final 1-segment stage; ECT's shrinking-gap stages
+# (the recipe's 8 stages of 125 steps in 1000).
+STAGES_PER_RUN = {"hyper_sd": 4, "ect": 8}
+
+
 def steps_for_budget(budget: int, teacher_evals_per_sample: float, batch_size: int) -> int:
     """Training steps that spend ``budget`` teacher evaluations at ``teacher_evals_per_sample`` per training
     sample and step (at least one step)."""
@@ -77,6 +85,8 @@ def method_args(suite: Suite, method: str, steps: int) -> dict:
     if method == "pd":
         rounds = (args["start_steps"] // args["final_steps"]).bit_length() - 1  # halvings to final_steps
         args["steps_per_round"] = max(1, steps // rounds)
+    elif method in STAGES_PER_RUN:  # staged methods spread their stages over the cell's steps
+        args.setdefault("steps_per_stage", max(1, steps // STAGES_PER_RUN[method]))
     return args
 
 

@@ -15,10 +15,13 @@ from fewstep.methods.slam import SubpathLinearApproximation
 from fewstep.methods.trajectory_backward_consistency import TrajectoryBackwardConsistency
 
 METHODS: dict[str, type[DistillationMethod]] = {
-    cls.name: cls for cls in (ProgressiveDistillation, ConsistencyDistillation, SCT, SCD, ConsistencyTrajectory,
-                                TrajectoryBackwardConsistency, LatentConsistency, PhasedConsistency, HyperSD,
-                                SubpathLinearApproximation, ConsistencyTraining, ImprovedConsistencyTraining,
-                                EasyConsistencyTuning)
+    cls.name: cls for cls in (
+        ProgressiveDistillation,
+        ConsistencyDistillation, ConsistencyTraining, ImprovedConsistencyTraining, EasyConsistencyTuning,
+        LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
+        ConsistencyTrajectory, TrajectoryBackwardConsistency,
+        SCT, SCD,
+    )
 }
 
 __all__ = ["METHODS", "DistillationMethod"]
