@@ -177,11 +177,18 @@ def test_time_sampler_takes_the_median_per_sample():
         time_sampler(draw, 64, repeats=0)
 
 
-def test_peak_memory_sees_a_large_allocation():
-    big = peak_memory(lambda: torch.ones(20_000_000))  # 80 MB
-    small = peak_memory(lambda: torch.ones(10))
-    assert big > 60e6
-    assert small < big / 4
+def test_peak_memory_counts_live_tensor_bytes():
+    assert peak_memory(lambda: torch.ones(20_000_000)) == 80_000_000
+    assert peak_memory(lambda: torch.ones(10)) == 40
+
+    def two_alive_at_most():  # a and b, then b and c: two 4 MB tensors at the peak, never three
+        a = torch.ones(1000, 1000)
+        b = a * 2
+        del a
+        c = b + 1
+        return c[:10]  # a view keeps c's storage alive, it does not add one
+
+    assert 8_000_000 <= peak_memory(two_alive_at_most) < 8_000_000 + 64  # + Python-scalar operands
 
 
 def test_plots_write_non_empty_pngs(digits_report, spec, tmp_path):

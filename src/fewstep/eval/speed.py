@@ -1,24 +1,25 @@
 """Sampling speed and peak memory of a sampler call.
 
 Speed is wall-clock seconds per sample of a batched call, the median over repeats after warm-up, with
-gradients off and CUDA synchronised before the clock stops. Peak memory on CUDA is exact for tensors
-(``torch.cuda.max_memory_allocated`` above what was allocated before the call). On CPU it is approximate:
-the growth of the process's peak resident set size during the call (Linux: ``VmHWM`` after resetting it via
-``/proc/self/clear_refs``; elsewhere ``getrusage`` ``ru_maxrss``, which only sees growth above the process's
-earlier peak). Memory the allocator reuses from earlier calls is not counted, so small calls may read 0.
+gradients off and CUDA synchronised before the clock stops. Peak memory is the most tensor memory the call
+holds at once beyond what existed before it. On CUDA that is ``torch.cuda.max_memory_allocated`` above the
+allocation before the call. On CPU every tensor storage an operator creates during the call is counted from
+its creation until it is freed (a ``TorchDispatchMode``), so the figure is exact for tensors and does not
+depend on the allocator or on the process's resident set, whose counters the kernel keeps only
+approximately. Scratch buffers an operator frees before returning are not seen on CPU.
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
+import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fewstep.errors import ConfigError, DataError
 
@@ -41,7 +42,7 @@ def time_sampler(fn: Callable[[], Tensor], batch: int, warmup: int = 1, repeats:
 
 
 def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
-    """Peak memory in bytes that one call of ``fn`` (gradients off) adds on ``device``; see the module notes."""
+    """Peak tensor memory in bytes that one call of ``fn`` (gradients off) adds on ``device``; see the module notes."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -51,15 +52,39 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
             fn()
         torch.cuda.synchronize(device)
         return max(torch.cuda.max_memory_allocated(device) - before, 0)
-    if _reset_peak_rss():
-        before = _proc_status_bytes("VmRSS")
-        with torch.no_grad():
-            fn()
-        return max(_proc_status_bytes("VmHWM") - before, 0)
-    before = _max_rss_bytes()
-    with torch.no_grad():
+    counter = _CPUTensorMemory()
+    with torch.no_grad(), counter:
         fn()
-    return max(_max_rss_bytes() - before, 0)
+    return counter.peak
+
+
+class _CPUTensorMemory(TorchDispatchMode):
+    """Counts the bytes of CPU tensor storages created inside the mode while they are alive; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, Tensor) and leaf.device.type == "cpu":
+                self._track(leaf.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
 
 
 def _finish(out: Tensor, batch: int) -> None:
@@ -69,24 +94,3 @@ def _finish(out: Tensor, batch: int) -> None:
         raise DataError(f"the timed sampler must return a tensor of {batch} samples, got {got}")
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def _max_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
