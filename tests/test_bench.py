@@ -178,6 +178,11 @@ def test_teacher_evals_per_sample_is_measured_per_method():
     for name in ("cd", "pd"):
         distiller = build_method(teacher, METHODS[name], method_args(suite, name, 1), {"width": 8, "depth": 1})
         assert teacher_evals_per_sample(distiller, teacher.dataset) == 2.0
+    # TBCM rolls out 32 trajectories of 2 (N - 1) = 34 evaluations per step, whatever the batch: per sample
+    # that is 34 at a batch of 4 but 4.25 at the bench's 256 (the probe must use the training batch size)
+    tbcm = build_method(teacher, METHODS["tbcm"], {"num_scales": 18}, {"width": 8, "depth": 1})
+    assert teacher_evals_per_sample(tbcm, teacher.dataset, 4) == 34.0
+    assert teacher_evals_per_sample(tbcm, teacher.dataset, 256) == 32 * 34 / 256
 
 
 def test_method_without_teacher_eval_counter_is_refused():
@@ -211,15 +216,18 @@ def test_budget_conversion_and_pd_rounds():
 
 
 def test_suites_cover_the_issue():
-    for name in ("quick", "full"):
-        suites = {suite.name: suite for suite in SUITES[name]}
-        assert set(suites) == {"ring8", "grid25_imbalanced", "checkerboard", "digits", "digits_cfg"}
-        assert suites["digits"].teacher_args == {}  # the default cached teacher, shared with `fewstep demo`
-        assert suites["digits_cfg"].guidance_scale == 2.0 and suites["digits_cfg"].conditional
-        assert all(suite.nfe == (1, 2, 4) for suite in suites.values())
-    quick = {suite.name: suite for suite in SUITES["quick"]}
     full = {suite.name: suite for suite in SUITES["full"]}
-    assert all(quick[n].teacher_eval_budget < full[n].teacher_eval_budget for n in quick)
+    assert set(full) == {"ring8", "grid25_imbalanced", "checkerboard", "digits", "digits_cfg"}
+    assert full["digits"].teacher_args == {}  # the default cached teacher, shared with `fewstep demo`
+    assert full["digits_cfg"].guidance_scale == 2.0 and full["digits_cfg"].conditional
+    quick = {suite.name: suite for suite in SUITES["quick"]}
+    assert set(quick) == {"ring8", "digits"}  # one exact-teacher table and one real-data table
+    for name in quick:
+        assert quick[name].teacher_eval_budget < full[name].teacher_eval_budget
+        assert quick[name].max_seconds < full[name].max_seconds
+    for suite in [*quick.values(), *full.values()]:
+        assert suite.nfe == (1, 2, 4)
+        assert suite.method_args["sct"]["jvp"] == suite.method_args["scd"]["jvp"] == "finite_difference"
 
 
 def test_select_methods():
@@ -242,7 +250,7 @@ def test_trained_teacher_recipe_includes_fewstep_defaults():
     from fewstep.api import TEACHER_STEPS
     from fewstep.bench.runner import teacher_recipe
 
-    suites = {suite.name: suite for suite in SUITES["quick"]}
+    suites = {suite.name: suite for suite in SUITES["full"]}
     recipe = teacher_recipe(suites["digits"])
     assert recipe["steps"] == TEACHER_STEPS and recipe["dataset"] == "digits" and recipe["seed"] == 0
     assert teacher_recipe(suites["checkerboard"])["steps"] == 3000

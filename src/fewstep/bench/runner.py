@@ -223,13 +223,16 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
 
 def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec, probe: int = 4) -> float:
     """Teacher evaluations per training sample in one trainer step (one cycle over the method's phases),
-    counted by running the method's losses on a small batch. The method must count ``teacher_evals``."""
+    counted by running the method's losses on a batch of ``probe`` samples, which should be the training
+    batch size: a method may spend per step rather than per sample (TBCM's rollouts). The method must count
+    ``teacher_evals``."""
     if not hasattr(distiller, "teacher_evals"):
         raise ConfigError(f"method {distiller.name!r} does not count its teacher evaluations (a teacher_evals "
                           "attribute), so it cannot be given the same budget as the others")
     generator = torch.Generator().manual_seed(0)
-    x0 = dataset.train_x[:probe]
-    batch = Batch(x0=x0, label=dataset.train_y[:probe] if dataset.train_y is not None else None,
+    rows = torch.arange(probe) % dataset.train_x.shape[0]
+    x0 = dataset.train_x[rows]
+    batch = Batch(x0=x0, label=dataset.train_y[rows] if dataset.train_y is not None else None,
                   noise=torch.randn(x0.shape, generator=generator), endpoint=x0)
     before = distiller.teacher_evals
     for phase in distiller.phases():
@@ -274,7 +277,7 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     dataset = teacher.dataset
     base_args = method_args(suite, method_name, 1)
     probe = build_method(teacher, method_cls, base_args, suite.student_backbone_args)
-    per_sample = teacher_evals_per_sample(probe, dataset)
+    per_sample = teacher_evals_per_sample(probe, dataset, suite.batch_size)
     steps = steps_for_budget(suite.teacher_eval_budget, per_sample or TEACHER_FREE_EVALS_PER_SAMPLE,
                              suite.batch_size)
     args = method_args(suite, method_name, steps)

@@ -12,7 +12,8 @@ steps through its ``total_steps`` config field (see :func:`fewstep.build_method`
 
 Per-method choices, the same in every suite:
 
-* CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance).
+* CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance); every other method
+  its defaults too, except what :data:`BENCH_METHOD_ARGS` sets.
 * Staged methods (Hyper-SD, ECT): ``steps_per_stage`` splits the cell's steps into their stages
   (:data:`STAGES_PER_RUN`); curricula (CT, iCT) span the run through ``total_steps``.
 * PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
@@ -94,21 +95,33 @@ TWO_D_STUDENT = {"width": 128, "depth": 3}
 CHECKERBOARD_TEACHER = {"steps": 3000}  # a fixed recipe: the cached teacher is reused by every run
 
 
+# Per-method arguments, the same in every suite: sCT/sCD take finite-difference JVPs (forward-mode AD through
+# the MLPs costs about three times as much on a CPU; the two agree, see tests/test_jvp.py).
+BENCH_METHOD_ARGS = {"sct": {"jvp": "finite_difference"}, "scd": {"jvp": "finite_difference"}}
+
+
 def _suites(scale: str) -> list[Suite]:
+    """``quick``: the exact 8-mode ring and digits, small budgets (about 15 minutes with a cached digits
+    teacher). ``full``: all five tables with larger budgets (about 1.5 hours plus the checkerboard and digits
+    teachers' training, if they are not cached)."""
     quick = scale == "quick"
-    pd = {"pd": {"start_steps": 32 if quick else 64, "final_steps": 4}}
-    two_d = {"teacher_nfe": (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64),
-             "n_samples": 2000 if quick else 5000, "max_seconds": 120.0 if quick else 900.0,
-             "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT, "method_args": pd}
-    digits = {"teacher": "train", "quality": "fd", "conditional": True, "lr": 2e-4, "method_args": pd,
-              "teacher_nfe": (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64),
-              "teacher_eval_budget": 120_000 if quick else 1_500_000, "max_seconds": 150.0 if quick else 1200.0}
+    method_args = {**BENCH_METHOD_ARGS, "pd": {"start_steps": 32 if quick else 64, "final_steps": 4}}
+    teacher_nfe = (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64)
+    two_d = {"teacher_nfe": teacher_nfe, "n_samples": 2000 if quick else 5000,
+             "max_seconds": 60.0 if quick else 240.0, "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT,
+             "method_args": method_args}
+    two_d_budget = 300_000 if quick else 1_000_000
+    digits = {"teacher": "train", "quality": "fd", "conditional": True, "lr": 2e-4, "method_args": method_args,
+              "teacher_nfe": teacher_nfe, "teacher_eval_budget": 120_000 if quick else 300_000,
+              "max_seconds": 120.0 if quick else 400.0}
+    ring8 = Suite("ring8", "ring8", "analytic", two_d_budget, "swd", **two_d)
+    if quick:
+        return [ring8, Suite("digits", "digits", **digits)]
     return [
-        Suite("ring8", "ring8", "analytic", 300_000 if quick else 2_500_000, "swd", **two_d),
-        Suite("grid25_imbalanced", "grid25_imbalanced", "analytic", 300_000 if quick else 2_500_000, "swd",
+        ring8,
+        Suite("grid25_imbalanced", "grid25_imbalanced", "analytic", two_d_budget, "swd", **two_d),
+        Suite("checkerboard", "checkerboard", "train", two_d_budget, "swd", teacher_args=CHECKERBOARD_TEACHER,
               **two_d),
-        Suite("checkerboard", "checkerboard", "train", 200_000 if quick else 2_000_000, "swd",
-              teacher_args=CHECKERBOARD_TEACHER, **two_d),
         Suite("digits", "digits", **digits),
         Suite("digits_cfg", "digits", guidance_scale=2.0, **digits),
     ]
