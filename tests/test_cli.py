@@ -42,6 +42,15 @@ def test_unknown_config_key(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_overrides_may_follow_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["distill", f"out={out}", "--quiet", "train.stepz=10"], capsys)
+    assert_one_line_error(code, err, "train.stepz", "valid keys")  # read as an override, not refused by argparse
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--quiet", "--nope"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def test_unknown_key_in_a_recipe_file_and_wrong_type(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"dataset: ring8\nmethod: cd\nout: {tmp_path / 'run'}\ntrain:\n  steps: many\n")

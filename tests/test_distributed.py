@@ -1,10 +1,11 @@
-"""Multi-process training (2 CPU processes over gloo), gradient accumulation, bf16, gradient checkpointing,
-teacher dtype and the memory plan.
+"""Multi-process training (2 CPU processes over gloo, replicated or sharded), gradient accumulation, bf16,
+gradient checkpointing, teacher dtype and the memory plan.
 
 One module fixture runs the one-process references here and all two-process runs in one launch (starting
-processes costs ~10 s each time): a deterministic method (2 processes must equal 1 process to float
-tolerance), 200 steps of consistency distillation on the exact ring (loss curves within 2%), and a run stopped
-at step 77 by one process and finished by two (metrics within the noise floor of uninterrupted runs)."""
+processes costs ~10 s each time), each with DDP and with FSDP: a deterministic method (2 processes must equal
+1 process to float tolerance), 200 steps of consistency distillation on the exact ring (loss curves within
+2%), and a run stopped at step 77 and finished under another process count (one -> two processes with DDP,
+two sharded -> one with FSDP; metrics within the noise floor of uninterrupted runs)."""
 
 import csv
 import json
@@ -24,6 +25,7 @@ from fewstep.solvers import sample
 from fewstep.train.checkpoint import load_checkpoint
 from fewstep.train.memory import enable_gradient_checkpointing
 from fewstep.train.parallel import launch
+from fewstep.train.sharding import full_state
 from fewstep.train.trainer import TrainConfig, train
 
 RING = load_dataset("ring8")
@@ -70,7 +72,8 @@ def cd_config(steps: int = CD_STEPS, seed: int = 0, **changes) -> TrainConfig:
 
 
 def weights(method, result) -> dict[str, torch.Tensor]:
-    return method.state_dict() | {f"ema.{k}": v for k, v in result.ema_student.state_dict().items()}
+    """The method's weights (gathered, if sharded: every process must call this) and the returned EMA's."""
+    return full_state(method.state_dict()) | {f"ema.{k}": v for k, v in result.ema_student.state_dict().items()}
 
 
 def two_process_runs(tmp) -> None:
@@ -84,9 +87,21 @@ def two_process_runs(tmp) -> None:
     cd_result = train(cd, RealData(RING.train_x), cd_config(), tmp / "cd-2proc", progress=False)
     resumed = cd_method()
     resumed_result = train(resumed, RealData(RING.train_x), cd_config(), tmp / "resume", progress=False)
+    sharded = Deterministic()
+    sharded_result = train(sharded, RingWithNoise(), deterministic_config(distributed="fsdp"), None, progress=False)
+    train(cd_method(), RealData(RING.train_x), cd_config(distributed="fsdp"), tmp / "cd-fsdp", progress=False)
+    train(cd_method(), RealData(RING.train_x), cd_config(steps=STOP_AT, distributed="fsdp"), tmp / "resume-fsdp",
+          progress=False)
+    network_teacher = EDMDenoiser(MLP((2,), width=16, depth=1), RING.sigma_data)
+    with_network_teacher = cd_method(teacher=network_teacher)
+    train(with_network_teacher, RealData(RING.train_x), cd_config(steps=2, distributed="fsdp"), None, progress=False)
+    gathered = {"deterministic": weights(method, result), "accumulated": weights(accumulated, result_k2),
+                "sharded": weights(sharded, sharded_result)}
     if torch.distributed.get_rank() == 0:
-        torch.save({"deterministic": weights(method, result), "accumulated": weights(accumulated, result_k2),
-                    "cd_teacher_evals": cd_result.teacher_evals, "resumed": resumed_result.ema_student.state_dict(),
+        torch.save({**gathered, "cd_teacher_evals": cd_result.teacher_evals,
+                    "sharded_kinds": {name: sorted({type(p).__name__ for p in module.parameters()})
+                                      for name, module in with_network_teacher.named_children()},
+                    "resumed": resumed_result.ema_student.state_dict(),
                     "world": torch.distributed.get_world_size()}, tmp / "two.pt")
 
 
@@ -120,6 +135,9 @@ def runs(tmp_path_factory):
     stopped = train(cd_method(), RealData(RING.train_x), cd_config(steps=STOP_AT), tmp / "resume", progress=False)
     assert stopped.steps_done == STOP_AT and load_checkpoint(tmp / "resume").state["num_processes"] == 1
     launch(two_process_runs, (tmp,), 2)
+    assert load_checkpoint(tmp / "resume-fsdp").state["num_processes"] == 2
+    one["resumed_fsdp"] = train(cd_method(), RealData(RING.train_x), cd_config(distributed="fsdp"),
+                                tmp / "resume-fsdp", progress=False)
     return tmp, one, torch.load(tmp / "two.pt")
 
 
@@ -134,34 +152,53 @@ def test_two_processes_equal_one_process_for_a_deterministic_method(runs):
     assert two["world"] == 2
     assert_close(two["deterministic"], one["deterministic"])
     assert_close(two["accumulated"], one["deterministic"])  # 2 processes x 2 micro-batches of 4
+    assert_close(two["sharded"], one["deterministic"])  # FSDP: sharded weights, gradients, optimizer state
 
 
-def test_two_process_loss_curve_matches_one_process_at_equal_global_batch(runs):
+def test_fsdp_shards_every_network_and_its_optimizer_state(runs):
+    tmp, _, two = runs
+    # the caller's teacher stays whole (evaluation uses it on one process); the method's own networks shard
+    assert two["sharded_kinds"] == {"teacher": ["Parameter"], "student": ["DTensor"], "target": ["DTensor"]}
+    replicated = json.loads((tmp / "cd-2proc" / "memory.json").read_text())["networks"]
+    sharded = json.loads((tmp / "cd-fsdp" / "memory.json").read_text())["networks"]
+    print(f"\nper-process bytes, DDP: {replicated}\n  FSDP: {sharded}")
+    for name in ("student", "target"):  # the analytic teacher has no weights
+        for kind in ("parameters", "gradients", "optimizer_state"):
+            if replicated[name][kind]:  # FSDP pads each weight's rows to a multiple of the process count
+                assert 0.5 <= sharded[name][kind] / replicated[name][kind] < 0.52, (name, kind)
+
+
+@pytest.mark.parametrize("run", ["cd-2proc", "cd-fsdp"])
+def test_two_process_loss_curve_matches_one_process_at_equal_global_batch(runs, run):
     tmp, one, two = runs
-    single, double = read_losses(tmp / "cd-1proc-0"), read_losses(tmp / "cd-2proc")
+    single, double = read_losses(tmp / "cd-1proc-0"), read_losses(tmp / run)
     assert len(single) == len(double) == CD_STEPS // 50
     other_seed = read_losses(tmp / "cd-1proc-1")
     gap = abs(sum(double) - sum(single)) / sum(single)
     seed_gap = abs(sum(other_seed) - sum(single)) / sum(single)
-    print(f"\nlogged loss windows: 1 process {single}\n  2 processes {double}\n  1 process seed 1 {other_seed}\n"
-          f"  mean over 200 steps: 2 vs 1 processes {100 * gap:.2f}%, seed 1 vs seed 0 {100 * seed_gap:.2f}%")
+    print(f"\nlogged loss windows: 1 process {single}\n  2 processes ({run}) {double}\n  1 process seed 1 "
+          f"{other_seed}\n  mean over 200 steps: 2 vs 1 processes {100 * gap:.2f}%, seed 1 vs seed 0 "
+          f"{100 * seed_gap:.2f}%")
     assert gap < 0.02  # the per-process noise draws differ, so single windows differ by the loss's own noise
     assert two["cd_teacher_evals"] == one["cd0"].teacher_evals == 2 * 128 * CD_STEPS
 
 
-def test_resume_under_another_process_count_is_within_the_noise_floor(runs):
+@pytest.mark.parametrize("run", ["resume", "resume-fsdp"])
+def test_resume_under_another_process_count_is_within_the_noise_floor(runs, run):
     tmp, one, two = runs
-    checkpoint = load_checkpoint(tmp / "resume")
-    assert checkpoint.step == CD_STEPS and checkpoint.state["num_processes"] == 2
+    checkpoint = load_checkpoint(tmp / run)
+    assert checkpoint.step == CD_STEPS
+    assert checkpoint.state["num_processes"] == (2 if run == "resume" else 1)  # the process count that finished
     uninterrupted = [ring_metrics(one[f"cd{seed}"].ema_student.state_dict()) for seed in (0, 1)]
-    resumed = ring_metrics(two["resumed"])
+    resumed = ring_metrics(two["resumed"] if run == "resume" else one["resumed_fsdp"].ema_student.state_dict())
     sampling = noise_floor_toy(RING, 4000)
+    how = "1 -> 2 processes" if run == "resume" else "2 sharded -> 1 process"
     for key in ("nll", "swd", "mmd"):
         seed_spread = abs(uninterrupted[0][key] - uninterrupted[1][key])
         floor = max(seed_spread, abs(sampling[key] - noise_floor_toy(RING, 4000, seed=1)[key]))
         gap = abs(resumed[key] - uninterrupted[0][key])
         print(f"{key}: uninterrupted {uninterrupted[0][key]:.4f} (seed 1: {uninterrupted[1][key]:.4f}), "
-              f"resumed 1->2 processes {resumed[key]:.4f}; gap {gap:.4f}, noise floor {floor:.4f}")
+              f"resumed ({how}) {resumed[key]:.4f}; gap {gap:.4f}, noise floor {floor:.4f}")
         assert gap <= floor
 
 
@@ -185,9 +222,14 @@ def test_bad_scale_options_are_refused(key, value):
         deterministic_config(**{key: value})
 
 
-def test_fsdp_is_refused_with_a_reason():
-    with pytest.raises(ConfigError, match=r"distributed=fsdp is not supported yet.*use train\.distributed=ddp"):
-        train(Deterministic(), RingWithNoise(), deterministic_config(distributed="fsdp"), None, progress=False)
+def test_fsdp_refuses_a_method_that_bypasses_forward():
+    from fewstep.methods.consistency_trajectory import ConsistencyTrajectory, CTMConfig
+
+    student = ConsistencyTrajectory.build_student(RING.analytic, CTMConfig(), lambda: MLP((2,), width=8, depth=1),
+                                                  RING.sigma_data)
+    ctm = ConsistencyTrajectory(RING.analytic, student, CTMConfig())
+    with pytest.raises(ConfigError, match=r"fsdp: ConsistencyTrajectory cannot be sharded: .*functional_call"):
+        train(ctm, RealData(RING.train_x), cd_config(distributed="fsdp"), None, progress=False)
 
 
 def network_teacher() -> EDMDenoiser:

@@ -257,7 +257,7 @@ def test_ema_update_and_warmup():
     assert torch.allclose(ema.state_dict()["weight"], 0.75 * before + 0.25 * (before + 1))
     assert torch.equal(ema.state_dict()["running_mean"], module.running_mean)  # buffers are copied
     target = nn.BatchNorm1d(2)
-    ema.copy_to(target)
+    target.load_state_dict(ema.state_dict())
     assert torch.allclose(target.weight, before + 0.25)
     assert warmup_decay(0.999, 0) == pytest.approx(0.1) and warmup_decay(0.999, 10**6) == 0.999
 

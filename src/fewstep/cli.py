@@ -16,7 +16,11 @@ DEMO_OUT = "runs/demo"
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and hasattr(args, "overrides") and all("=" in arg and not arg.startswith("-") for arg in unknown):
+        args.overrides += unknown  # key=value overrides after an option: `distill RECIPE --quiet train.steps=9`
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2

@@ -13,7 +13,9 @@ score or discriminator) and knows nothing of devices, processes or files. It dec
 * :meth:`after_update`: bookkeeping after an optimizer step (EMA targets, stage changes); returns True
   when the optimizer state must be reset (a new stage, e.g. a progressive-distillation round);
 * :meth:`sampling`: how its student samples at a given NFE, as data (sampler name and noise levels), so
-  an exported student is self-describing.
+  an exported student is self-describing;
+* ``fsdp_refusal``: None, or why it cannot train with sharded weights (``train.distributed=fsdp`` then
+  stops with that reason). Sharding needs every network called through its ``forward``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class DistillationMethod(nn.Module):
     paper: ClassVar[str] = ""
     needs: ClassVar[str] = "data"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    fsdp_refusal: ClassVar[str | None] = None  # why the method cannot train with sharded weights, if it cannot
 
     def __init__(self, teacher: Denoiser, student: Denoiser, config: MethodConfig):
         super().__init__()

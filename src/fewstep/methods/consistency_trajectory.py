@@ -73,6 +73,8 @@ class ConsistencyTrajectory(DistillationMethod):
     family = "trajectory"
     paper = "Kim et al. 2023, Consistency Trajectory Models"
     needs = "data"
+    fsdp_refusal = ("its frozen-student term calls the student with detached weights (torch.func.functional_call), "
+                    "which bypasses FSDP's gathering of sharded weights")
     Config = CTMConfig
 
     def __init__(self, teacher: Denoiser, student: TwoTimeDenoiser, config: CTMConfig):

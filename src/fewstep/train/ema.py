@@ -29,11 +29,6 @@ class EMA:
             else:
                 shadow.copy_(value)
 
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the averaged weights into ``module`` (which must have the same structure)."""
-        module.load_state_dict(self.shadow, strict=True)
-
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)
 

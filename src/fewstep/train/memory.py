@@ -6,7 +6,8 @@
 * :func:`set_teacher_dtype` stores the frozen teacher's weights in ``bfloat16``/``float16`` and runs it under
   autocast in that dtype, returning float32 (the input's dtype) to the method.
 * :func:`memory_plan` reports, per network of the method (its top-level submodules: student, teacher, target
-  network, fake score, ...), the bytes of parameters, buffers, gradients and optimizer state, and the
+  network, fake score, ...), the bytes this process holds of parameters, buffers, gradients and optimizer
+  state (its shards under FSDP), and the
   process's measured peak (``torch.cuda.max_memory_allocated`` on GPU, the peak resident set size on CPU).
 
 Both switches patch ``forward`` on the module instances (a ``functools.partial`` of the class's ``forward``),
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from fewstep.errors import ConfigError
 from fewstep.nets.mlp import ResidualBlock
 from fewstep.nets.unet import ConvBlock
+from fewstep.train.parallel import local
 
 CHECKPOINTABLE_BLOCKS = (ResidualBlock, ConvBlock)
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +74,8 @@ def set_teacher_dtype(method: nn.Module, name: str) -> None:
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes this process holds of ``tensors`` (its shards, under FSDP)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from fewstep.errors import ConfigError, FewstepError
 
@@ -49,6 +50,12 @@ def average_gradients(parameters: list[nn.Parameter]) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.AVG)
         for grad, value in zip(group, flat.split([g.numel() for g in group]), strict=True):
             grad.copy_(value.view_as(grad))
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This process's part of ``tensor`` (the tensor itself when it is not sharded, see
+    :mod:`fewstep.train.sharding`)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def average(values: Tensor) -> Tensor:

@@ -38,8 +38,12 @@ Scale (see :mod:`fewstep.train.parallel` and :mod:`fewstep.train.memory`):
 * Rank 0 alone writes checkpoints, ``log.csv``, tensorboard, ``memory.json`` and the progress bar. Stop
   decisions agree on every process: ``max_seconds`` is rank 0's clock, broadcast; the divergence checks use
   the averaged losses and the (identical) weights.
+* ``distributed: fsdp`` shards every network's weights, gradients and optimizer state over the processes
+  instead of replicating them (:mod:`fewstep.train.sharding`); with one process it is the same as ``ddp``.
+  The method's networks stay sharded after ``train`` returns; the returned ``ema_student`` is whole.
 * Checkpoints do not depend on the process count: replicas are identical, so rank 0's weights, EMA and
-  optimizer states are the whole state; the step is the global step. Each process's own generators are
+  optimizer states are the whole state (under FSDP they are gathered from the shards first); the step is
+  the global step. Each process's own generators are
   stored by rank and restored when resuming under the same process count; under another count each
   process's noise and global RNG are re-seeded from ``(seed, rank, step)``.
 * ``mixed_precision: bf16`` runs ``method.losses`` under ``torch.autocast`` in bfloat16 (weights and
@@ -67,6 +71,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -89,7 +94,15 @@ from fewstep.train.memory import (
     memory_plan,
     set_teacher_dtype,
 )
-from fewstep.train.parallel import average, average_gradients, gather, rank0_decides, total
+from fewstep.train.parallel import average, average_gradients, gather, local, rank0_decides, total
+from fewstep.train.sharding import (
+    full_optimizer_state,
+    full_state,
+    reshard,
+    shard_like,
+    shard_networks,
+    shard_optimizer_state,
+)
 
 MIXED = ("no", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -110,8 +123,8 @@ class TrainConfig:
     splits each process's share into that many micro-batches; ``mixed_precision`` is ``"no"`` or ``"bf16"``
     (autocast of the losses); ``teacher_dtype`` (float32, bfloat16, float16) is the frozen teacher's weight
     dtype; ``gradient_checkpointing`` recomputes backbone blocks in the backward pass; ``distributed`` is
-    ``"ddp"`` (replicated weights, averaged gradients); ``"fsdp"`` (sharded weights) is refused for now,
-    see :data:`FSDP_REFUSAL`."""
+    ``"ddp"`` (replicated weights, averaged gradients) or ``"fsdp"`` (weights, gradients and optimizer
+    state sharded over the processes, :mod:`fewstep.train.sharding`)."""
 
     steps: int = 2000
     batch_size: int = 256
@@ -176,8 +189,9 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     run_dir = None if run_dir is None else Path(run_dir)
-    if config.distributed == "fsdp":
-        raise ConfigError(FSDP_REFUSAL)
+    if config.distributed == "fsdp" and getattr(method, "fsdp_refusal", None):
+        raise ConfigError(f"train.distributed=fsdp: {type(method).__name__} cannot be sharded: "
+                          f"{method.fsdp_refusal}; use train.distributed=ddp")
     if config.batch_size % (world * config.grad_accumulation):
         raise ConfigError(f"train.batch_size={config.batch_size} must be a multiple of the number of processes "
                           f"({world}) times train.grad_accumulation ({config.grad_accumulation})")
@@ -190,6 +204,9 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
         enable_gradient_checkpointing(method)
     method.to(device).train()
     student = method.student_denoiser()
+    sharded = config.distributed == "fsdp" and world > 1
+    whole_student = copy.deepcopy(student) if sharded else student  # what the EMA weights are returned in
+    sharded_networks = shard_networks(method, device, world) if sharded else []
     ema = EMA(student)
     phase_list = method.phases()
     phases = {phase.name: phase for phase in phase_list}
@@ -242,6 +259,7 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                 for _ in range(phases[name].updates):
                     losses = _update(method, phases[name], optimizers[name], source, step, generators, config,
                                      accelerator, last_good)
+                    reshard(sharded_networks)
                     for key, value in losses.items():
                         window.setdefault(name, {}).setdefault(key, []).append(value)
                     if method.after_update(name, step):
@@ -273,8 +291,8 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
             writer.close()
 
     method.zero_grad(set_to_none=True)
-    ema_student = copy.deepcopy(student)
-    ema.copy_to(ema_student)
+    ema_student = copy.deepcopy(whole_student)
+    ema_student.load_state_dict(full_state(ema.state_dict()))
     teacher_evals = getattr(method, "teacher_evals", None)
     if teacher_evals is not None and world > 1:
         teacher_evals = total(int(teacher_evals), device)
@@ -282,13 +300,6 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
         stopped_early=stopped_early, teacher_evals=None if teacher_evals is None else int(teacher_evals),
         checkpoint=None if last_good is None else last_good[1])
-
-
-# torch's FSDP2 (``fully_shard``) does run on CPU over gloo; what is missing is the method side: sharded
-# (DTensor) weights need every network a method mixes with the student (target EMA, fake score) sharded alike,
-# and checkpoints need full-state gathering.
-FSDP_REFUSAL = ("train.distributed=fsdp is not supported yet: methods update target networks and EMAs from "
-                "the student's full weights between steps, which FSDP shards; use train.distributed=ddp")
 
 
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -352,12 +363,15 @@ def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, s
         if not math.isfinite(value):
             raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': loss '{key}' is "
                                    f"{value}; {_last_good(last_good)}")
-    if world > 1:
-        average_gradients(phase.parameters)
+    if world > 1:  # sharded parameters had theirs averaged by FSDP's reduce-scatter
+        average_gradients([p for p in phase.parameters if not isinstance(p, DTensor)])
     if config.grad_clip > 0:
         accelerator.clip_grad_norm_(phase.parameters, config.grad_clip)
     optimizer.step()
-    if not torch.stack([p.isfinite().all() for p in phase.parameters]).all():
+    finite = torch.stack([local(p).isfinite().all() for p in phase.parameters]).all()
+    if world > 1 and config.distributed == "fsdp":  # each process checked its own shards
+        finite = total(int(not finite), accelerator.device) == 0
+    if not finite:
         raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': its weights became "
                                f"non-finite (loss {values['loss']:.4g}); {_last_good(last_good)}")
     return values
@@ -396,19 +410,20 @@ def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
     generator states are gathered); rank 0 writes."""
     process_rng = _process_rng(generators, device)
     ranks = gather(process_rng) if torch.distributed.is_initialized() else [process_rng]
+    method_state, ema_state = full_state(method.state_dict()), full_state(ema.state_dict())  # every process
+    optimizer_states = {name: full_optimizer_state(opt.state_dict()) for name, opt in optimizers.items()}
     target = run_dir / "checkpoint"
     if not main:
         return target
-    method_tensors, method_extra = _split_tensors(method.state_dict())
+    method_tensors, method_extra = _split_tensors(method_state)
     source_tensors, source_extra = _split_tensors(source.state_dict() if hasattr(source, "state_dict") else {})
     tensors = {f"method.{k}": v for k, v in method_tensors.items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema_state.items()}
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
     rng = {"data": encode_rng_state(generators["data"].get_state()), "ranks": ranks}
     state = {"method": type(method).__name__, "seconds": seconds, "rng": rng, "config": asdict(config),
              "num_processes": len(ranks), "method_extra": method_extra, "source_extra": source_extra}
-    return save_checkpoint(run_dir, step, tensors, {name: opt.state_dict() for name, opt in optimizers.items()},
-                           state)
+    return save_checkpoint(run_dir, step, tensors, optimizer_states, state)
 
 
 def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -436,12 +451,12 @@ def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
         raise CheckpointError(f"{folder}: optimizer phases {sorted(checkpoint.optimizer_states)} differ from the "
                               f"method's {sorted(optimizers)}")
     try:
-        method.load_state_dict(tensors["method"] | state["method_extra"], strict=True)
-        ema.load_state_dict(tensors["ema"])
+        method.load_state_dict(shard_like(tensors["method"], method.state_dict()) | state["method_extra"], strict=True)
+        ema.load_state_dict(shard_like(tensors["ema"], ema.state_dict()))
         if hasattr(source, "load_state_dict"):
             source.load_state_dict(tensors["source"] | state["source_extra"])
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint.optimizer_states[name])
+            optimizer.load_state_dict(shard_optimizer_state(checkpoint.optimizer_states[name], optimizer))
         rng = state["rng"]
         generators["data"].set_state(decode_rng_state(rng["data"]))
         ranks = rng.get("ranks", [rng])  # checkpoints written before multi-process training kept one process
