@@ -221,8 +221,9 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
     return sweep
 
 
-def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec, probe: int = 4) -> float:
-    """Teacher evaluations per training sample in one trainer step (one cycle over the method's phases),
+def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec, probe: int = 4,
+                             step: int = 0) -> float:
+    """Teacher evaluations per training sample in trainer step ``step`` (one cycle over the method's phases),
     counted by running the method's losses on a batch of ``probe`` samples, which should be the training
     batch size: a method may spend per step rather than per sample (TBCM's rollouts). The method must count
     ``teacher_evals``."""
@@ -237,7 +238,7 @@ def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec
     before = distiller.teacher_evals
     for phase in distiller.phases():
         for _ in range(phase.updates):
-            distiller.losses(phase.name, batch, 0, generator)
+            distiller.losses(phase.name, batch, step, generator)
     return (distiller.teacher_evals - before) / probe
 
 
@@ -281,6 +282,13 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     steps = steps_for_budget(suite.teacher_eval_budget, per_sample or TEACHER_FREE_EVALS_PER_SAMPLE,
                              suite.batch_size)
     args = method_args(suite, method_name, steps)
+    # a method may spend more after a warm-up (rCM's DMD term): budget at the dearer of the first and last step
+    late_probe = build_method(teacher, method_cls, args, suite.student_backbone_args, steps=steps)
+    late = teacher_evals_per_sample(late_probe, dataset, suite.batch_size, step=steps - 1)
+    if late > per_sample:
+        per_sample = late
+        steps = steps_for_budget(suite.teacher_eval_budget, per_sample, suite.batch_size)
+        args = method_args(suite, method_name, steps)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from the seed alone
         torch.manual_seed(seed)
         distiller = build_method(teacher, method_cls, args, suite.student_backbone_args, steps=steps)

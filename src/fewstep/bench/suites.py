@@ -101,19 +101,19 @@ BENCH_METHOD_ARGS = {"sct": {"jvp": "finite_difference"}, "scd": {"jvp": "finite
 
 
 def _suites(scale: str) -> list[Suite]:
-    """``quick``: the exact 8-mode ring and digits, small budgets (about 15 minutes with a cached digits
-    teacher). ``full``: all five tables with larger budgets (about 1.5 hours plus the checkerboard and digits
+    """``quick``: the exact 8-mode ring and digits, small budgets (under 20 minutes with a cached digits
+    teacher). ``full``: all five tables with larger budgets (about 2 hours plus the checkerboard and digits
     teachers' training, if they are not cached)."""
     quick = scale == "quick"
     method_args = {**BENCH_METHOD_ARGS, "pd": {"start_steps": 32 if quick else 64, "final_steps": 4}}
     teacher_nfe = (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64)
     two_d = {"teacher_nfe": teacher_nfe, "n_samples": 2000 if quick else 5000,
-             "max_seconds": 60.0 if quick else 240.0, "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT,
+             "max_seconds": 45.0 if quick else 240.0, "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT,
              "method_args": method_args}
-    two_d_budget = 300_000 if quick else 1_000_000
+    two_d_budget = 200_000 if quick else 1_000_000
     digits = {"teacher": "train", "quality": "fd", "conditional": True, "lr": 2e-4, "method_args": method_args,
-              "teacher_nfe": teacher_nfe, "teacher_eval_budget": 120_000 if quick else 300_000,
-              "max_seconds": 120.0 if quick else 400.0}
+              "teacher_nfe": teacher_nfe, "teacher_eval_budget": 80_000 if quick else 150_000,
+              "max_seconds": 90.0 if quick else 300.0}
     ring8 = Suite("ring8", "ring8", "analytic", two_d_budget, "swd", **two_d)
     if quick:
         return [ring8, Suite("digits", "digits", **digits)]

@@ -11,6 +11,7 @@ from fewstep.methods.improved_consistency_training import ImprovedConsistencyTra
 from fewstep.methods.latent_consistency import LatentConsistency
 from fewstep.methods.phased_consistency import PhasedConsistency
 from fewstep.methods.progressive_distillation import ProgressiveDistillation
+from fewstep.methods.score_regularized_consistency import ScoreRegularizedConsistency
 from fewstep.methods.slam import SubpathLinearApproximation
 from fewstep.methods.trajectory_backward_consistency import TrajectoryBackwardConsistency
 
@@ -20,7 +21,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         ConsistencyDistillation, ConsistencyTraining, ImprovedConsistencyTraining, EasyConsistencyTuning,
         LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
-        SCT, SCD,
+        SCT, SCD, ScoreRegularizedConsistency,
     )
 }
 

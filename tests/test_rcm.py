@@ -1,0 +1,133 @@
+"""rCM (sCD + DMD regulariser): the DMD direction on Gaussians, the regulariser vanishing when the fake score
+equals the teacher, the phases and teacher-evaluation count, and exact-teacher tests on the 8-mode ring."""
+
+import copy
+
+import pytest
+import torch
+
+from exact_ring import RING
+from fewstep.errors import ConfigError
+from fewstep.methods import METHODS
+from fewstep.methods.base import Batch
+from fewstep.methods.continuous_consistency import SCD
+from fewstep.methods.score_regularized_consistency import (
+    RCMConfig,
+    ScoreRegularizedConsistency,
+    denoising_weight,
+    dmd_direction,
+)
+from fewstep.models.denoiser import EDMDenoiser
+from fewstep.nets import MLP
+
+DT = torch.float64
+
+
+def gaussian_denoiser(mean: torch.Tensor, std: float):
+    """Exact ``E[x0 | x]`` for ``x0 ~ N(mean, std^2 I)`` and ``x = x0 + sigma eps``."""
+    return lambda x, sigma: mean + (std**2 / (std**2 + sigma[:, None] ** 2)) * (x - mean)
+
+
+def test_dmd_direction_moves_generated_samples_toward_the_teachers_distribution():
+    g = torch.Generator().manual_seed(0)
+    teacher_mean, student_mean, std = torch.tensor([1.0, -2.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), 0.3
+    x_generated = student_mean + std * torch.randn(512, 2, generator=g, dtype=DT)
+    sigma = torch.exp(torch.randn(512, generator=g, dtype=DT))
+    x = x_generated + sigma[:, None] * torch.randn(512, 2, generator=g, dtype=DT)
+    real = gaussian_denoiser(teacher_mean, std)(x, sigma)
+    fake = gaussian_denoiser(student_mean, std)(x, sigma)
+    step = -dmd_direction(x_generated, real, fake)  # what gradient descent on L_DMD does to x_G
+    cosine = torch.nn.functional.cosine_similarity(step, (teacher_mean - student_mean).expand_as(step), dim=1)
+    assert torch.allclose(cosine, torch.ones_like(cosine))
+    # same distributions: no direction at all
+    assert dmd_direction(x_generated, real, gaussian_denoiser(teacher_mean, std)(x, sigma)).abs().max() == 0
+
+
+def test_denoising_weight_makes_the_denoisers_error_unit_scale():
+    sigma = torch.tensor([0.01, 0.5, 100.0], dtype=DT)
+    sd = 0.5
+    # the EDM denoiser's error variance on N(0, sd^2) data is (sigma sd)^2 / (sigma^2 + sd^2)
+    assert torch.allclose(denoising_weight(sigma, sd) * (sigma * sd) ** 2 / (sigma**2 + sd**2), torch.ones(3, dtype=DT))
+
+
+def network_pair() -> tuple[EDMDenoiser, EDMDenoiser]:
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(MLP((2,), width=32, depth=2).double(), RING.sigma_data)
+    student = EDMDenoiser(copy.deepcopy(teacher.backbone), RING.sigma_data)
+    return teacher, student
+
+
+def test_regulariser_vanishes_when_the_fake_score_is_the_teacher():
+    """At the start the fake score is a copy of the teacher, so the DMD term and its gradient are zero and
+    rCM's update is sCD's (same draws: the sCD part draws first)."""
+    config = RCMConfig(jvp="finite_difference", tangent_warmup=0)
+    teacher, student = network_pair()
+    rcm = ScoreRegularizedConsistency(teacher, student, config)
+    scd = SCD(teacher, copy.deepcopy(student), config)
+    x0 = RING.analytic.sample(64, torch.Generator().manual_seed(1)).to(DT)
+    ours = rcm.losses("student", Batch(x0=x0), 5, torch.Generator().manual_seed(2))
+    theirs = scd.losses("student", Batch(x0=x0), 5, torch.Generator().manual_seed(2))
+    assert ours["dmd"] == 0
+    ours["loss"].backward()
+    theirs["loss"].backward()
+    for a, b in zip(rcm.student.parameters(), scd.student.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_dmd_loss_gradient_is_the_direction_on_the_generated_sample():
+    teacher, student = network_pair()
+    rcm = ScoreRegularizedConsistency(teacher, student, RCMConfig(jvp="finite_difference"))
+    with torch.no_grad():  # a fake score that differs from the teacher
+        for p in rcm.fake_score.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0 = torch.zeros(16, 2, dtype=DT)
+    captured = {}
+    generate = rcm.generate
+
+    def generate_and_keep(*args):
+        captured["x"] = generate(*args)
+        captured["x"].retain_grad()
+        return captured["x"]
+
+    rcm.generate = generate_and_keep
+    g = torch.Generator().manual_seed(3)
+    loss = rcm.dmd_loss(Batch(x0=x0), g)
+    loss.backward()
+    x_generated = captured["x"].detach()
+    g = torch.Generator().manual_seed(3)  # replay the draws: k, noise, sigma, noise
+    rcm.generate = generate
+    with torch.no_grad():
+        assert torch.equal(generate(16, None, g, x0), x_generated)
+        sigma = rcm.dmd_sigma(16, g, x0)
+        x = x_generated + sigma[:, None] * torch.randn(x0.shape, generator=g, dtype=DT)
+        direction = dmd_direction(x_generated, teacher(x, sigma), rcm.fake_score(x, sigma))
+    torch.testing.assert_close(captured["x"].grad, direction / x0.numel(), rtol=1e-10, atol=1e-14)
+    assert direction.abs().max() > 1e-3
+
+
+def test_phases_schedule_and_teacher_evaluations():
+    teacher, student = network_pair()
+    rcm = ScoreRegularizedConsistency(teacher, student, RCMConfig(fake_updates=3, fake_lr_scale=0.5,
+                                                                  tangent_warmup=10, jvp="finite_difference"))
+    names = [(phase.name, phase.updates, phase.lr_scale) for phase in rcm.phases()]
+    assert names == [("fake_score", 3, 0.5), ("student", 1, 1.0)]
+    fake_ids = {id(p) for p in rcm.fake_score.parameters()}
+    assert fake_ids.isdisjoint(id(p) for p in rcm.student.parameters())
+    assert fake_ids.isdisjoint(id(p) for p in teacher.parameters())
+    x0 = RING.analytic.sample(8, torch.Generator().manual_seed(1)).to(DT)
+    g = torch.Generator().manual_seed(0)
+    rcm.losses("fake_score", Batch(x0=x0), 0, g)
+    assert rcm.teacher_evals == 0
+    assert "dmd" not in rcm.losses("student", Batch(x0=x0), 9, g)  # before dmd_start = tangent_warmup: sCD only
+    assert rcm.teacher_evals == 8
+    assert "dmd" in rcm.losses("student", Batch(x0=x0), 10, g)
+    assert rcm.teacher_evals == 8 + 16
+    assert METHODS["rcm"] is ScoreRegularizedConsistency
+
+
+@pytest.mark.parametrize("bad", [{"dmd_weight": -1.0}, {"fake_updates": 0}, {"max_generation_steps": 0},
+                                 {"dmd_start": -5}, {"dmd_shift": 0.0}])
+def test_bad_config_is_refused(bad):
+    teacher, student = network_pair()
+    with pytest.raises(ConfigError, match="rcm"):
+        ScoreRegularizedConsistency(teacher, student, RCMConfig(**bad))
