@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,15 @@ def test_console_script_exit_code_is_two():
     done = subprocess.run([sys.executable, "-m", "fewstep.cli", "distill", "train.stepz=1"], capture_output=True,
                           text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_every_shipped_recipe_is_valid(recipe):
+    """Every recipe in configs/ parses, names a registered method, and its method_args fit that method."""
+    from fewstep.config import build_dataclass, load_recipe
+    from fewstep.methods import METHODS
+
+    loaded = load_recipe(recipe)
+    assert loaded.method in METHODS, recipe
+    build_dataclass(METHODS[loaded.method].Config, dict(loaded.method_args), "method_args")

@@ -205,3 +205,19 @@ def test_plots_write_non_empty_pngs(digits_report, spec, tmp_path):
         plots.sample_grid(torch.zeros(4, 8, 8), tmp_path / "bad.png")
     with pytest.raises(DataError, match=r"\(N, 2\)"):
         plots.scatter_2d({"bad": torch.zeros(5, 3)}, tmp_path / "bad.png")
+
+
+def test_panels_wrap_into_rows_and_leave_empty_places(spec, tmp_path):
+    from PIL import Image
+
+    one_row = {"a": spec.ref_x[:10], "b": spec.ref_x[10:20], "c": spec.ref_x[20:30], "d": spec.ref_x[30:40]}
+    plots.compare_grids(one_row, tmp_path / "row.png", nrow=10)
+    plots.compare_grids({"a": spec.ref_x[:10], "gap": None, "c": spec.ref_x[20:30], "d": spec.ref_x[30:40]},
+                        tmp_path / "wrapped.png", nrow=10, columns=2)
+    row, wrapped = Image.open(tmp_path / "row.png").size, Image.open(tmp_path / "wrapped.png").size
+    assert wrapped[0] == row[0] // 2 and wrapped[1] == 2 * row[1]  # two rows of two panels
+    points = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    plots.scatter_2d({"a": points, "gap": None, "c": points}, tmp_path / "scatter.png", columns=2)
+    assert Image.open(tmp_path / "scatter.png").size[1] > Image.open(tmp_path / "scatter.png").size[0]
+    with pytest.raises(DataError, match="at least one"):
+        plots.compare_grids({"gap": None}, tmp_path / "none.png")

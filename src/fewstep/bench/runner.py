@@ -389,17 +389,21 @@ def _sample_figure(suite: Suite, cells: list[dict], out: Path) -> None:
     teacher_file = folder / "teacher_samples.safetensors"
     if not teacher_file.is_file():
         return
-    panels = {"teacher heun@35": load_file(teacher_file)["heun35"]}
+    # one row per method, one column per NFE; the teacher alone on the first row
+    columns = len(suite.nfe)
+    panels: dict[str, Tensor | None] = {"teacher heun@35": load_file(teacher_file)["heun35"]}
+    panels |= {f"blank {i}": None for i in range(1, columns)}
     for cell in cells:
         path = folder / f"{cell['method']}.safetensors"
         if cell["rows"] and path.is_file():
             samples = load_file(path)
-            panels |= {f"{cell['method']} @{nfe}": samples[f"nfe{nfe}"] for nfe in suite.nfe if f"nfe{nfe}" in samples}
+            panels |= {f"{cell['method']} @{nfe}": samples.get(f"nfe{nfe}") for nfe in suite.nfe}
     dataset = load_dataset(suite.dataset)
     if len(dataset.data_shape) > 1:
-        compare_grids(panels, out / f"{suite.name}_samples.png", nrow=dataset.num_classes or 8)
+        compare_grids(panels, out / f"{suite.name}_samples.png", nrow=dataset.num_classes or 8, columns=columns)
     else:
-        scatter_2d(panels, out / f"{suite.name}_samples.png", reference=dataset.ref_x[:SCATTER_POINTS])
+        scatter_2d(panels, out / f"{suite.name}_samples.png", reference=dataset.ref_x[:SCATTER_POINTS],
+                   columns=columns)
 
 
 def quality_vs_train_time(measured: list[tuple[Suite, dict, list[dict]]], report: dict, path: Path) -> None:

@@ -33,36 +33,47 @@ def sample_grid(images: Tensor, path: str | Path, nrow: int = 8) -> None:
     _save(fig, path)
 
 
-def compare_grids(named_images: dict[str, Tensor], path: str | Path, nrow: int = 8) -> None:
-    """Save one titled grid per entry side by side, e.g. ``{"teacher (heun, 35 NFE)": x, "student (1 NFE)": y}``."""
-    if not named_images:
+def compare_grids(named_images: dict[str, Tensor | None], path: str | Path, nrow: int = 8,
+                  columns: int | None = None) -> None:
+    """Save one titled grid per entry, e.g. ``{"teacher (heun, 35 NFE)": x, "student (1 NFE)": y}``, in rows
+    of ``columns`` panels (default: one row). A ``None`` entry leaves its place empty."""
+    grids = {name: _image_grid(images, nrow) for name, images in named_images.items() if images is not None}
+    if not grids:
         raise DataError("compare_grids needs at least one named image batch")
-    fig = _figure((3.2 * len(named_images), 3.6))
-    for ax, (name, images) in zip(fig.subplots(1, len(named_images), squeeze=False)[0], named_images.items(),
-                                  strict=True):
-        _show_grid(ax, _image_grid(images, nrow))
+    height, width = next(iter(grids.values())).shape[:2]
+    axes, fig = _panels(len(named_images), columns, (3.2, 3.2 * height / width + 0.4))
+    for ax, name in zip(axes, named_images, strict=False):
+        if name not in grids:
+            ax.axis("off")
+            continue
+        _show_grid(ax, grids[name])
         ax.set_title(name, fontsize=9)
     _save(fig, path)
 
 
-def scatter_2d(named_samples: dict[str, Tensor], path: str | Path, reference: Tensor | None = None) -> None:
-    """Save one scatter panel per entry of 2-D samples ``(N, 2)``, over ``reference`` points in grey if given.
+def scatter_2d(named_samples: dict[str, Tensor | None], path: str | Path, reference: Tensor | None = None,
+               columns: int | None = None) -> None:
+    """Save one scatter panel per entry of 2-D samples ``(N, 2)``, over ``reference`` points in grey if given,
+    in rows of ``columns`` panels (default: one row). A ``None`` entry leaves its place empty.
 
     All panels share limits (the 0.5-99.5% range of the reference, or of all samples without one), so a
     student's stray samples fall outside the frame rather than shrink everyone else's picture."""
-    if not named_samples:
+    points = {name: _points_2d(samples, name) for name, samples in named_samples.items() if samples is not None}
+    if not points:
         raise DataError("scatter_2d needs at least one named sample set")
-    points = {name: _points_2d(samples, name) for name, samples in named_samples.items()}
     ref = _points_2d(reference, "reference") if reference is not None else None
     bounds = ref if ref is not None else np.concatenate(list(points.values()))
     low, high = np.percentile(bounds, 0.5, axis=0), np.percentile(bounds, 99.5, axis=0)
     margin = 0.1 * (high - low).max()
     low, high = low - margin, high + margin
-    fig = _figure((3.2 * len(points), 3.4))
-    for ax, (name, xy) in zip(fig.subplots(1, len(points), squeeze=False)[0], points.items(), strict=True):
+    axes, fig = _panels(len(named_samples), columns, (3.2, 3.4))
+    for ax, name in zip(axes, named_samples, strict=False):
+        if name not in points:
+            ax.axis("off")
+            continue
         if ref is not None:
             ax.scatter(ref[:, 0], ref[:, 1], s=1, color="0.8", rasterized=True)
-        ax.scatter(xy[:, 0], xy[:, 1], s=1, color="C0", rasterized=True)
+        ax.scatter(points[name][:, 0], points[name][:, 1], s=1, color="C0", rasterized=True)
         ax.set_xlim(low[0], high[0])
         ax.set_ylim(low[1], high[1])
         ax.set_aspect("equal")
@@ -70,6 +81,17 @@ def scatter_2d(named_samples: dict[str, Tensor], path: str | Path, reference: Te
         ax.set_yticks([])
         ax.set_title(name, fontsize=9)
     _save(fig, path)
+
+
+def _panels(count: int, columns: int | None, panel_size: tuple[float, float]) -> tuple[list, Figure]:
+    """A figure of ``count`` panels in rows of ``columns`` and their axes in reading order."""
+    columns = count if columns is None else max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    fig = _figure((panel_size[0] * columns, panel_size[1] * rows))
+    axes = list(fig.subplots(rows, columns, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.axis("off")
+    return axes[:count], fig
 
 
 def quality_vs_nfe(report: dict, path: str | Path, metric: str | None = None, floor: float | None = None) -> None:

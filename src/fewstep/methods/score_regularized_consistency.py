@@ -73,7 +73,6 @@ class ScoreRegularizedConsistency(SCD):
     """rCM: sCD with a DMD regulariser from a fake score of the student's samples."""
 
     name = "rcm"
-    family = "consistency"
     paper = "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency (NVIDIA 2025)"
     Config = RCMConfig
 
