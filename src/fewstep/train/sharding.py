@@ -47,9 +47,9 @@ def shard_networks(method: nn.Module, device: torch.device, world: int) -> list[
     method is on ``device`` and before optimizers or EMAs are made from its parameters."""
     mesh = init_device_mesh(device.type, (world,))
     networks = backbones(method)
-    for backbone in networks:
+    for backbone in reversed(networks):  # inner networks before any network that contains them
         for block in backbone.modules():
-            if isinstance(block, CHECKPOINTABLE_BLOCKS):
+            if isinstance(block, CHECKPOINTABLE_BLOCKS) and not isinstance(block, FSDPModule):
                 fully_shard(block, mesh=mesh)
         fully_shard(backbone, mesh=mesh)
     return networks
