@@ -37,15 +37,15 @@ Scale (see :mod:`fewstep.train.parallel` and :mod:`fewstep.train.memory`):
   from a per-process noise generator so processes do not repeat each other's noise).
 * Rank 0 alone writes checkpoints, ``log.csv``, tensorboard, ``memory.json`` and the progress bar. Stop
   decisions agree on every process: ``max_seconds`` is rank 0's clock, broadcast; the divergence checks use
-  the averaged losses and the (identical) weights.
+  the averaged losses and the (identical, or under FSDP all-reduced per shard) weights.
 * ``distributed: fsdp`` shards every network's weights, gradients and optimizer state over the processes
   instead of replicating them (:mod:`fewstep.train.sharding`); with one process it is the same as ``ddp``.
   The method's networks stay sharded after ``train`` returns; the returned ``ema_student`` is whole.
 * Checkpoints do not depend on the process count: replicas are identical, so rank 0's weights, EMA and
   optimizer states are the whole state (under FSDP they are gathered from the shards first); the step is
-  the global step. Each process's own generators are
-  stored by rank and restored when resuming under the same process count; under another count each
-  process's noise and global RNG are re-seeded from ``(seed, rank, step)``.
+  the global step. Each process's own generators are stored by rank and restored when resuming under the
+  same process count; under another count each process's noise and global RNG are re-seeded from
+  ``(seed, rank, step)``.
 * ``mixed_precision: bf16`` runs ``method.losses`` under ``torch.autocast`` in bfloat16 (weights and
   optimizer stay float32); ``teacher_dtype`` stores the frozen teacher in a lower precision;
   ``gradient_checkpointing`` recomputes backbone blocks in the backward pass.
