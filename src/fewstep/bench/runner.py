@@ -462,6 +462,10 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "- PD is trained down to 4 steps (from 32 in `quick`, 64 in `full`, the steps split evenly over the "
         "halving rounds); its 1- and 2-NFE rows use that 4-step student on coarser grids, untrained for them. "
         "CD uses its default settings.",
+        "- sCT, sCD and rCM keep their default tangent warm-up (1000 steps). In a cell with fewer steps (the "
+        "digits tables) the tangent never reaches full weight, and rCM's DMD term, which starts after the "
+        "warm-up, never starts: there the rcm row is sCD with an idle fake score, budgeted (correctly) at sCD's "
+        "cost.",
         "- Timings come from a shared CPU and are noisy.", ""]
     for suite, sweep, cells in measured:
         lines += _suite_section(suite, sweep, cells, report)
