@@ -29,8 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -62,6 +64,7 @@ QUALITY_METRICS = ("fd", "swd")
 SCATTER_POINTS = 2000
 DIGIT_GRID = 40  # four rows of the ten classes
 NFE_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
+METHOD_COLOURS = colormaps["tab20"]
 
 
 def select_methods(names: list[str] | None) -> dict[str, type[DistillationMethod]]:
@@ -407,28 +410,35 @@ def _sample_figure(suite: Suite, cells: list[dict], out: Path) -> None:
 
 
 def quality_vs_train_time(measured: list[tuple[Suite, dict, list[dict]]], report: dict, path: Path) -> None:
-    """One panel per suite: each method's quality at each NFE against its training seconds, with the
-    teacher's best quality (dashed) and the noise floor (dotted)."""
-    fig = Figure(figsize=(3.6 * len(measured), 3.6), dpi=100, layout="constrained")
+    """One panel per suite: each method's quality (colour) at each NFE (marker) against its training seconds,
+    with the teacher's best quality (dashed) and the noise floor (dotted); one shared legend below."""
+    methods = list(dict.fromkeys(cell["method"] for _, _, cells in measured for cell in cells))
+    colours = {name: METHOD_COLOURS(i % METHOD_COLOURS.N) for i, name in enumerate(methods)}
+    fig = Figure(figsize=(3.6 * len(measured), 3.6 + 0.25 * math.ceil(len(methods) / 8)), dpi=100,
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (suite, sweep, cells) in zip(fig.subplots(1, len(measured), squeeze=False)[0], measured, strict=True):
-        for i, cell in enumerate(cells):
-            for row in report["cells"]:
-                if (row["suite"], row["method"]) == (suite.name, cell["method"]) and row["quality"] is not None:
-                    ax.scatter(row["train_seconds"], row["quality"], color=f"C{i % 10}",
-                               marker=NFE_MARKERS.get(row["nfe"], "x"), label=f"{cell['method']} @{row['nfe']}")
+    for ax, (suite, sweep, _) in zip(fig.subplots(1, len(measured), squeeze=False)[0], measured, strict=True):
+        for row in report["cells"]:
+            if row["suite"] == suite.name and row["quality"] is not None:
+                ax.scatter(row["train_seconds"], row["quality"], color=colours[row["method"]],
+                           marker=NFE_MARKERS.get(row["nfe"], "x"))
         best = best_teacher_row(suite, sweep)
         if best is not None:
-            ax.axhline(best[suite.quality], ls="--", color="0.3", label=f"teacher best ({best['name']})")
+            ax.axhline(best[suite.quality], ls="--", color="0.3")
         floor = sweep["report"]["noise_floor"].get(suite.quality)
         if floor is not None:
-            ax.axhline(floor, ls=":", color="0.5", label="noise floor")
+            ax.axhline(floor, ls=":", color="0.5")
         ax.set_yscale("log")
         ax.set_xlabel("training seconds")
         ax.set_ylabel("FD-digits" if suite.quality == "fd" else suite.quality)
         ax.set_title(suite.name, fontsize=9)
-        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=colour, label=name) for name, colour in colours.items()]
+    handles += [Line2D([], [], ls="", marker=marker, color="0.3", label=f"{nfe} NFE")
+                for nfe, marker in NFE_MARKERS.items() if any(row["nfe"] == nfe for row in report["cells"])]
+    handles += [Line2D([], [], ls="--", color="0.3", label="teacher best"),
+                Line2D([], [], ls=":", color="0.5", label="noise floor")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 12), fontsize=7)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
 
 
