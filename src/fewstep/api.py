@@ -193,10 +193,15 @@ class Student:
         if nfe not in self.sampling:
             raise ConfigError(f"this {self.method} student has no sampling schedule for nfe={nfe}; "
                               f"available: {sorted(self.sampling)}")
-        spec = self.sampling[nfe]
         if noise is None:
             noise = torch.randn((n, *self.dataset.data_shape), generator=torch.Generator().manual_seed(seed))
         generator = generator if generator is not None else torch.Generator(noise.device).manual_seed(seed + 1)
+        return self.sample_with(self.sampling[nfe], noise, label, generator)
+
+    @torch.no_grad()
+    def sample_with(self, spec: Sampling, noise: Tensor, label: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Samples from ``noise`` with the sampler and levels of ``spec`` (e.g. levels under trial)."""
         sigmas = torch.tensor(spec.sigmas, dtype=noise.dtype)
         return sample(lambda x, s, *target: self.denoiser(x, s, label, *target), noise, spec.sampler, sigmas, generator)
 

@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(handler=cmd_export)
 
+    levels = commands.add_parser("levels", help="choose a consistency student's intermediate levels on the "
+                                 "training split and save them with the student")
+    levels.add_argument("folder", help="a run folder (its student/) or a student folder")
+    levels.add_argument("--nfe", type=int, nargs="+", default=[2, 4], help="NFEs to choose levels for")
+    levels.add_argument("--n-samples", type=int, default=None, help="samples per trial (default: the training "
+                        "split, at most 5000)")
+    levels.add_argument("--seed", type=int, default=101)
+    levels.add_argument("--quiet", action="store_true")
+    levels.set_defaults(handler=cmd_levels)
+
     methods = commands.add_parser("methods", help="list the registered methods")
     methods.set_defaults(handler=cmd_methods)
     return parser
@@ -243,6 +253,25 @@ def cmd_export(args) -> None:
     student = Student.load(folder if (folder / "fewstep.json").is_file() else folder / "student")
     export_student(student, args.out, args.format)
     print(f"wrote {args.format} export to {args.out}")
+
+
+def cmd_levels(args) -> None:
+    from fewstep.api import Student
+    from fewstep.eval.levels import tune_levels
+
+    folder = Path(args.folder)
+    folder = folder if (folder / "fewstep.json").is_file() else folder / "student"
+    student = Student.load(folder)
+    trace = tune_levels(student, args.nfe, args.n_samples, args.seed, progress=not args.quiet)
+    student.save(folder)
+    for nfe, found in trace.items():
+        print(f"{nfe} NFE: levels {_levels_text(found['default_levels'])} -> {_levels_text(found['levels'])}; "
+              f"{found['metric']} on the training split {found['default_score']:.4g} -> {found['score']:.4g}")
+    print(f"saved the chosen levels in {folder}")
+
+
+def _levels_text(levels: list[float]) -> str:
+    return "[" + ", ".join(f"{s:.3g}" for s in levels) + "]"
 
 
 def cmd_methods(args) -> None:

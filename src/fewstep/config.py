@@ -39,7 +39,9 @@ class TeacherRecipe:
 
 @dataclass
 class EvalRecipe:
-    """What to measure: the student at ``student_nfe``, the teacher's solvers at ``teacher_nfe``."""
+    """What to measure: the student at ``student_nfe``, the teacher's solvers at ``teacher_nfe``. With
+    ``tune_levels`` a consistency student's intermediate levels are first chosen on the training split
+    (:func:`fewstep.eval.levels.tune_levels`)."""
 
     student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
@@ -47,6 +49,7 @@ class EvalRecipe:
     n_samples: int | None = None
     conditional: bool = False
     seed: int = 0
+    tune_levels: bool = False
 
 
 def _demo_train_config() -> TrainConfig:

@@ -18,6 +18,7 @@ from fewstep.config import Recipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval.evaluate import best_at_nfe, best_teacher, format_table, quality_metric, write_json
+from fewstep.eval.levels import TUNABLE_SAMPLERS, tune_levels
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.guidance import CONVENTIONS
 from fewstep.methods import METHODS
@@ -73,17 +74,25 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     with process.main_process_first():  # rank 0 trains or caches the teacher before the others load it
         teacher = resolve_teacher(recipe, progress and process.is_main_process)
     teacher_seconds = time.perf_counter() - started
-    build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail before training
+    method = build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail early
+    level_nfes = [nfe for nfe in recipe.eval.student_nfe if nfe > 1] if recipe.eval.tune_levels else []
+    for nfe in level_nfes:
+        if method.sampling(nfe).sampler not in TUNABLE_SAMPLERS:
+            raise ConfigError(f"eval.tune_levels: {recipe.method} samples {nfe} NFE with "
+                              f"{method.sampling(nfe).sampler!r}; levels can be chosen for {TUNABLE_SAMPLERS}")
     student = distill(teacher, recipe.method, method_args=recipe.method_args, train_config=recipe.train,
                       student_backbone_args=recipe.student_backbone_args, run_dir=out / "run",
                       nfe=tuple(recipe.eval.student_nfe), progress=progress)
     if not process.is_main_process:  # rank 0 evaluates and writes the files
         return {}
-    student.save(out / "student")
     ev = recipe.eval
+    level_search = tune_levels(student, level_nfes, seed=ev.seed + 101, progress=progress) if level_nfes else {}
+    student.save(out / "student")
     report = evaluate_models(teacher, [student], tuple(ev.student_nfe), tuple(ev.teacher_nfe),
                              tuple(ev.teacher_solvers), ev.n_samples, ev.conditional or None, ev.seed, progress)
     report["recipe"] = recipe_to_dict(recipe)
+    if level_search:
+        report["level_search"] = {str(nfe): found for nfe, found in level_search.items()}
     report["wall_seconds"] = {"teacher": teacher_seconds, "total": time.perf_counter() - started}
     report["machine"] = machine()
     write_json(report, out / "report.json")
@@ -132,6 +141,11 @@ def report_markdown(report: dict, student: Student) -> str:
                      f"({report['speedup_reference']}), {stu['speedup_vs_best']:.1f}x faster than its "
                      f"best-measured setting ({report['best_teacher']})")
         lines.append(text + ".")
+    for nfe, found in report.get("level_search", {}).items():
+        lines.append(f"- Levels at {nfe} NFE chosen on the training split: "
+                     f"{', '.join(f'{s:.3g}' for s in found['levels'])} (method default "
+                     f"{', '.join(f'{s:.3g}' for s in found['default_levels'])}; training-split {found['metric']} "
+                     f"{found['default_score']:.4g} -> {found['score']:.4g}).")
     training = report.get("training", {}).get(student.name, {})
     if training:
         lines.append(f"\nTraining: {training['steps']} steps in {training['seconds']:.0f} s, "
