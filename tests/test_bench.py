@@ -202,6 +202,19 @@ def test_staged_methods_spread_their_stages_over_the_cells_steps():
         assert "steps_per_stage" in {f.name for f in fields(METHODS[name].Config)}
 
 
+def test_tangent_warm_ups_are_a_share_of_the_cell_and_rcm_regularises_after_it():
+    suite = SUITES["full"][3]  # digits: the cells are shorter than the methods' default 1000-step warm-up
+    teacher = Teacher.analytic("ring8")
+    for name in ("sct", "scd", "rcm"):
+        args = method_args(suite, name, 292)
+        assert args["tangent_warmup"] == 29 and args["jvp"] == "finite_difference"
+        distiller = build_method(teacher, METHODS[name], args, {"width": 8, "depth": 1})
+        assert distiller.config.tangent_warmup == 29
+    assert build_method(teacher, METHODS["rcm"], method_args(suite, "rcm", 292),
+                        {"width": 8, "depth": 1}).dmd_start == 29
+    assert method_args(suite, "scd", 5)["tangent_warmup"] == 1
+
+
 def test_budget_conversion_and_pd_rounds():
     assert steps_for_budget(1000, 2.0, 10) == 50
     assert steps_for_budget(5, 2.0, 10) == 1

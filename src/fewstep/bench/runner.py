@@ -45,7 +45,7 @@ from fewstep.api import (
     evaluate_models,
     pair_source_args,
 )
-from fewstep.bench.suites import TEACHER_FREE_EVALS_PER_SAMPLE, Suite, method_args, steps_for_budget
+from fewstep.bench.suites import TEACHER_FREE_EVALS_PER_SAMPLE, WARMUP_SHARE, Suite, method_args, steps_for_budget
 from fewstep.cache import atomic_write
 from fewstep.data import load_dataset
 from fewstep.data.sources import make_source
@@ -174,8 +174,9 @@ def _sweep_key(suite: Suite, seed: int) -> dict:
 
 def _cell_key(suite: Suite, method: str, seed: int) -> dict:
     fields = ("teacher_eval_budget", "max_seconds", "nfe", "batch_size", "lr", "student_backbone_args")
+    fitted = {"warmup_share": WARMUP_SHARE[method]} if method in WARMUP_SHARE else {}  # rules that shape args
     return {**_sweep_key(suite, seed), "method": method, "method_args": suite.method_args.get(method, {}),
-            **{k: _jsonable(getattr(suite, k)) for k in fields}}
+            **fitted, **{k: _jsonable(getattr(suite, k)) for k in fields}}
 
 
 def _jsonable(value):
@@ -472,10 +473,9 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "- PD is trained down to 4 steps (from 32 in `quick`, 64 in `full`, the steps split evenly over the "
         "halving rounds); its 1- and 2-NFE rows use that 4-step student on coarser grids, untrained for them. "
         "CD uses its default settings.",
-        "- sCT, sCD and rCM keep their default tangent warm-up (1000 steps). In a cell with fewer steps (the "
-        "digits tables) the tangent never reaches full weight, and rCM's DMD term, which starts after the "
-        "warm-up, never starts: there the rcm row is sCD with an idle fake score, budgeted (correctly) at sCD's "
-        "cost.",
+        "- sCT, sCD and rCM warm their tangent up over the first 10% of the cell's steps (the recipes' share), "
+        "and rCM's DMD term starts after that, so every cell trains with the full tangent and rCM with its "
+        "regulariser.",
         "- Timings come from a shared CPU and are noisy.", ""]
     for suite, sweep, cells in measured:
         lines += _suite_section(suite, sweep, cells, report)

@@ -15,7 +15,9 @@ Per-method choices, the same in every suite:
 * CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance); every other method
   its defaults too, except what :data:`BENCH_METHOD_ARGS` sets.
 * Staged methods (Hyper-SD, ECT): ``steps_per_stage`` splits the cell's steps into their stages
-  (:data:`STAGES_PER_RUN`); curricula (CT, iCT) span the run through ``total_steps``.
+  (:data:`STAGES_PER_RUN`); curricula (CT, iCT) span the run through ``total_steps``; sCT, sCD and rCM
+  warm their tangent up over a share of the cell's steps (:data:`WARMUP_SHARE`), and rCM's DMD term starts
+  after it.
 * PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
   the halving rounds (``steps_per_round = steps // rounds``). Its 1- and 2-NFE cells use the 4-step student
   on the coarser nested grids, with no training for them: going below 4 steps would cost PD more rounds
@@ -71,6 +73,10 @@ TEACHER_FREE_EVALS_PER_SAMPLE = 2.0
 # (the recipe's 8 stages of 125 steps in 1000).
 STAGES_PER_RUN = {"hyper_sd": 4, "ect": 8}
 
+# Methods with a tangent warm-up (``tangent_warmup`` steps; rCM's DMD term starts when it ends), and the share
+# of a cell's steps it takes: the recipes' 300 of 3000 (ring) and 200 of 2000 (digits) steps.
+WARMUP_SHARE = {"sct": 0.1, "scd": 0.1, "rcm": 0.1}
+
 
 def steps_for_budget(budget: int, teacher_evals_per_sample: float, batch_size: int) -> int:
     """Training steps that spend ``budget`` teacher evaluations at ``teacher_evals_per_sample`` per training
@@ -88,6 +94,8 @@ def method_args(suite: Suite, method: str, steps: int) -> dict:
         args["steps_per_round"] = max(1, steps // rounds)
     elif method in STAGES_PER_RUN:  # staged methods spread their stages over the cell's steps
         args.setdefault("steps_per_stage", max(1, steps // STAGES_PER_RUN[method]))
+    elif method in WARMUP_SHARE:  # warm-ups are a share of the cell, not the defaults' 1000 steps
+        args.setdefault("tangent_warmup", max(1, int(steps * WARMUP_SHARE[method])))
     return args
 
 
@@ -95,9 +103,9 @@ TWO_D_STUDENT = {"width": 128, "depth": 3}
 CHECKERBOARD_TEACHER = {"steps": 3000}  # a fixed recipe: the cached teacher is reused by every run
 
 
-# Per-method arguments, the same in every suite: sCT/sCD take finite-difference JVPs (forward-mode AD through
-# the MLPs costs about three times as much on a CPU; the two agree, see tests/test_jvp.py).
-BENCH_METHOD_ARGS = {"sct": {"jvp": "finite_difference"}, "scd": {"jvp": "finite_difference"}}
+# Per-method arguments, the same in every suite: sCT/sCD/rCM take finite-difference JVPs (forward-mode AD
+# through the MLPs costs about three times as much on a CPU; the two agree, see tests/test_jvp.py).
+BENCH_METHOD_ARGS = {name: {"jvp": "finite_difference"} for name in ("sct", "scd", "rcm")}
 
 
 def _suites(scale: str) -> list[Suite]:
