@@ -72,7 +72,7 @@ def ring_student(sampler: str = "consistency") -> Student:
 def test_tune_levels_uses_the_training_split_only_and_writes_the_student():
     student = ring_student()
     trace = tune_levels(student, (1, 2), n_samples=400, grid=4, rounds=1, refinements=1, progress=False)
-    assert set(trace) == {2} and trace[2]["metric"] == "nll" and trace[2]["split"] == "train"
+    assert set(trace) == {2} and trace[2]["metric"] == "swd" and trace[2]["split"] == "train"
     assert student.sampling[2].sigmas == trace[2]["levels"] and trace[2]["score"] <= trace[2]["default_score"]
     _, score = training_split_score(student, 2, n_samples=400, seed=101)  # the score is reproducible
     assert score(trace[2]["levels"]) == trace[2]["score"]
@@ -97,7 +97,7 @@ def test_cli_levels_saves_the_chosen_levels(tmp_path, capsys):
     ring_student().save(tmp_path / "student")
     assert main(["levels", str(tmp_path), "--nfe", "2", "--n-samples", "300", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "2 NFE: levels [80, 0.8] ->" in out and "nll on the training split" in out
+    assert "2 NFE: levels [80, 0.8] ->" in out and "swd on the training split" in out
     saved = Student.load(tmp_path / "student").sampling[2].sigmas
     assert saved[0] == 80.0 and saved[1] > 0.002
 

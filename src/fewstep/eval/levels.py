@@ -4,11 +4,11 @@ Multistep consistency sampling (``x0 = f(x, s_0)``, re-noise to ``x0 + s_1 z``, 
 only the first level, ``s_0 = sigma_max``; the later ones are free, and which are best depends on the student.
 Song et al. (2023) chose them by a greedy search on FID. :func:`search_levels` is that search: one level at a
 time over a grid in ``log s`` between its neighbours, repeated for a few rounds. :func:`tune_levels` scores
-each candidate by the dataset's quality metric (FD-digits, or the exact NLL / sliced Wasserstein distance of
-a 2-D set) against the **training** split, on its own noise seed, so the held-out split that reports measure
-on plays no part in the choice. Every candidate is drawn from the same noise and re-noising draws (common
-random numbers), so two candidates differ by their levels alone.
-"""
+each candidate by a distance between its samples and the **training** split (FD-digits, or the sliced
+Wasserstein distance of a 2-D set; not the exact NLL, which samples crowding the modes' centres would win),
+on its own noise seed, so the held-out split that reports measure on plays no part in the choice. Every
+candidate is drawn from the same noise and re-noising draws (common random numbers), so two candidates
+differ by their levels alone."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
         dataset, ref_x=dataset.train_x[subset],
         ref_y=dataset.train_y[subset] if dataset.train_y is not None else None)
     classifier = digits.feature_extractor(dataset) if is_digits else None
-    metric = "fd" if is_digits else ("nll" if dataset.log_prob is not None else "swd")
+    metric = "fd" if is_digits else "swd"  # not the NLL: samples crowding the modes' centres would win it
 
     def score(levels: list[float]) -> float:
         trial = dataclasses.replace(student.sampling[nfe], sigmas=levels)
