@@ -76,7 +76,7 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
     dataset = student.dataset
     if len(dataset.train_x) < 2:
         raise DataError(f"choosing levels needs the training split of dataset {dataset.name!r}, which this "
-                        "student does not carry (a student of an outside teacher); pass the dataset's samples")
+                        "student does not carry (it was distilled from an outside teacher)")
     sampler = student.sampling[nfe].sampler
     if sampler not in TUNABLE_SAMPLERS:
         raise ConfigError(f"levels can be chosen for the {TUNABLE_SAMPLERS} samplers; the {student.method} "
@@ -92,12 +92,14 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
     train_view = dataclasses.replace(
         dataset, ref_x=dataset.train_x[subset],
         ref_y=dataset.train_y[subset] if dataset.train_y is not None else None)
+    device = next(student.denoiser.parameters(), noise).device
+    noise, labels = noise.to(device), labels.to(device) if labels is not None else None
     classifier = digits.feature_extractor(dataset) if is_digits else None
     metric = "fd" if is_digits else "swd"  # not the NLL: samples crowding the modes' centres would win it
 
     def score(levels: list[float]) -> float:
         trial = dataclasses.replace(student.sampling[nfe], sigmas=levels)
-        samples = student.sample_with(trial, noise, labels, torch.Generator().manual_seed(seed + 1))
+        samples = student.sample_with(trial, noise, labels, torch.Generator(device).manual_seed(seed + 1)).cpu()
         if is_digits:
             metrics = digits.digits_metrics(samples, train_view, classifier=classifier)
         else:
