@@ -6,8 +6,10 @@ from functools import cache
 
 import torch
 
+from fewstep.api import Student
 from fewstep.data import load_dataset
 from fewstep.data.sources import RealData
+from fewstep.eval.levels import tune_levels
 from fewstep.eval.toy import reference_nll, toy_metrics
 from fewstep.nets import MLP
 from fewstep.solvers import ode_endpoint, sample, solver_sigmas
@@ -36,6 +38,15 @@ def draw(method, student, nfe: int) -> torch.Tensor:
     spec = method.sampling(nfe)
     denoise = lambda x, s, *target: student(x, s, None, *target)  # noqa: E731  (flow-map samplers pass a target)
     return sample(denoise, NOISE, spec.sampler, torch.tensor(spec.sigmas), torch.Generator().manual_seed(12))
+
+
+def draw_with_chosen_levels(method, student, nfe: int) -> torch.Tensor:
+    """As :func:`draw`, with the levels after the first chosen on the ring's training split
+    (:func:`fewstep.tune_levels`), as a recipe with ``eval.tune_levels: true`` does."""
+    chosen = Student(student, method.name, {nfe: method.sampling(nfe)}, RING)
+    tune_levels(chosen, (nfe,), progress=False)
+    spec = chosen.sampling[nfe]
+    return sample(student, NOISE, spec.sampler, torch.tensor(spec.sigmas), torch.Generator().manual_seed(12))
 
 
 @cache
