@@ -147,6 +147,7 @@ def test_ect_gap_shrinks_by_q_per_stage_to_zero_and_stage_zero_is_denoising():
         assert torch.allclose(gaps[stage] / gaps[stage - 1], torch.full_like(t, 0.5))
     assert float((gaps[-1] / t).max()) < 1e-7
     assert torch.allclose(ect_r(torch.tensor([100.0]), 1), torch.tensor([50.0]), atol=1e-6)  # n(t) -> 1
+    assert torch.equal(ect_r(t, 5000), t)  # a run of thousands of stages: the gap vanishes, no overflow
 
 
 def test_ect_first_stage_is_edms_denoising_loss():

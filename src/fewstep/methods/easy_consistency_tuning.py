@@ -60,7 +60,7 @@ class ECTConfig(MethodConfig):
 def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
     """ECT's ``r(t) = max(t - t n(t) / q^stage, 0)`` with ``n(t) = 1 + k sigmoid(-b t)``: 0 at stage 0, and
     ``(t - r) / t`` shrinks by ``q`` every stage."""
-    dt = t * (1.0 + k * torch.sigmoid(-b * t)) / q**stage
+    dt = t * (1.0 + k * torch.sigmoid(-b * t)) * q ** -stage  # q ** -stage underflows to 0 where q ** stage overflows
     return torch.clamp(t - dt, min=0.0)
 
 
