@@ -475,7 +475,8 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "CD uses its default settings.",
         "- sCT, sCD and rCM warm their tangent up over the first 10% of the cell's steps (the recipes' share), "
         "and rCM's DMD term starts after that, so every cell trains with the full tangent and rCM with its "
-        "regulariser.",
+        "regulariser. On digits sCD is sensitive to the learning rate: the tables' shared 2e-4 is twice its "
+        "recipe's 1e-4, and at 2e-4 its 2- and 4-NFE samples degrade (see `configs/digits-scd.yaml`).",
         "- Timings come from a shared CPU and are noisy.", ""]
     for suite, sweep, cells in measured:
         lines += _suite_section(suite, sweep, cells, report)
