@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
 from fewstep.train.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.train.ema import EMA, warmup_decay
-from fewstep.train.trainer import TrainConfig, train
+from fewstep.train.trainer import TrainConfig, lr_factor, train
 
 
 class Points:
@@ -303,3 +304,15 @@ def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
     (tmp_path / "checkpoint" / "weights.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match=r"weights\.safetensors is missing or corrupt"):
         train(Regression(), Points(), config(steps=4), tmp_path, progress=False)
+
+
+def test_learning_rate_warm_up_and_cosine_schedule():
+    constant = TrainConfig(steps=100, warmup_steps=10)
+    assert [lr_factor(k, constant) for k in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cosine = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(4, cosine) == pytest.approx(0.5)  # warming up
+    assert lr_factor(10, cosine) == 1.0 and lr_factor(60, cosine) == pytest.approx(0.5)
+    assert lr_factor(109, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lr_factor(0, TrainConfig(steps=1, lr_schedule="cosine")) == 1.0
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

@@ -106,6 +106,7 @@ from fewstep.train.sharding import (
 
 MIXED = ("no", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -115,7 +116,8 @@ class TrainConfig:
     ``lr`` is the AdamW learning rate of a phase with ``lr_scale = 1``; its default suits fine-tuning a
     student initialised from its teacher (teachers trained from scratch use 1e-3, see
     :mod:`fewstep.train.teacher`). ``warmup_steps`` ramps every learning rate linearly over the first
-    steps. ``grad_clip`` is the maximum gradient norm of one phase update (0 disables clipping).
+    steps; ``lr_schedule`` then keeps it (``"constant"``) or anneals it to 0 at the last step (``"cosine"``),
+    see :func:`lr_factor`. ``grad_clip`` is the maximum gradient norm of one phase update (0 disables clipping).
     ``ema_decay`` is reached after a warm-up, see :func:`fewstep.train.ema.warmup_decay`. ``max_seconds``
     caps this call's wall time: training stops at the first step boundary past it (and checkpoints).
 
@@ -133,6 +135,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 50
@@ -151,7 +154,8 @@ class TrainConfig:
             "steps": self.steps >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
-            "warmup_steps": self.warmup_steps >= 0, "ema_decay": 0 <= self.ema_decay <= 1,
+            "warmup_steps": self.warmup_steps >= 0, "lr_schedule": self.lr_schedule in LR_SCHEDULES,
+            "ema_decay": 0 <= self.ema_decay <= 1,
             "log_every": self.log_every >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "max_seconds": self.max_seconds is None or self.max_seconds >= 0,
             "grad_accumulation": self.grad_accumulation >= 1, "mixed_precision": self.mixed_precision in MIXED,
@@ -160,6 +164,18 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"train config: invalid {bad[0]} = {getattr(self, bad[0])!r}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The learning rate of 0-based ``step`` over ``config.lr``: a linear warm-up over ``warmup_steps``
+    times, for ``"cosine"``, ``(1 + cos(pi k / K)) / 2`` with ``k`` the steps after the warm-up and ``K``
+    their number (1 at the first, near 0 at the last)."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_schedule == "constant":
+        return warmup
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, max(0, step - config.warmup_steps) / span)
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -252,10 +268,9 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
 
     try:
         for step in range(start, config.steps):
-            warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
             for name in list(phases):
                 for group in optimizers[name].param_groups:
-                    group["lr"] = config.lr * phases[name].lr_scale * warmup
+                    group["lr"] = config.lr * phases[name].lr_scale * lr_factor(step, config)
                 for _ in range(phases[name].updates):
                     losses = _update(method, phases[name], optimizers[name], source, step, generators, config,
                                      accelerator, last_good)
@@ -264,7 +279,7 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                         window.setdefault(name, {}).setdefault(key, []).append(value)
                     if method.after_update(name, step):
                         phases[name] = {phase.name: phase for phase in method.phases()}[name]
-                        optimizers[name] = _optimizer(phases[name], config, warmup)
+                        optimizers[name] = _optimizer(phases[name], config, lr_factor(step, config))
             ema.update(student, warmup_decay(config.ema_decay, step))
             if step == start and main:
                 _report_memory(method, phases, optimizers, device, run_dir, progress)
@@ -324,8 +339,8 @@ def accelerator_for(device: str) -> Accelerator:
     return accelerator
 
 
-def _optimizer(phase: Phase, config: TrainConfig, warmup: float = 1.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(phase.parameters, lr=config.lr * phase.lr_scale * warmup, betas=config.betas,
+def _optimizer(phase: Phase, config: TrainConfig, factor: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(phase.parameters, lr=config.lr * phase.lr_scale * factor, betas=config.betas,
                              weight_decay=config.weight_decay)
 
 
