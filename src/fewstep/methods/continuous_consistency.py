@@ -29,7 +29,9 @@ Deviations from the paper: the network's time input stays EDM's ``log(s)/4`` (no
 student starts as an exact copy of an EDM teacher; the ``cos t sin t`` factor of the tangent cancels its growth
 near both ends. No prior weighting ``1/(sigma_d tan t)`` (FastGen's option) and no adaptive double
 normalisation or QK-norm (our backbones are small MLPs / UNets). Multistep levels are a fixed rule: the
-second level at TrigFlow time ``sampling_t_mid`` (the paper's 1.1) and further ones evenly spaced below it.
+second level at TrigFlow time ``sampling_t_mid`` (the paper's 1.1) and further ones evenly spaced below it;
+:func:`fewstep.tune_levels` (``eval.tune_levels`` in a recipe) replaces them by levels chosen on the training
+split, which the ``ring8-sct`` and ``digits-scd`` recipes do.
 The JVP is forward mode with a finite-difference fallback (``jvp = "auto"``, :mod:`fewstep.jvp`); on a CPU
 ``"finite_difference"`` is about three times cheaper for the small MLPs and is what the recipes use.
 """
