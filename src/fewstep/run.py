@@ -18,7 +18,7 @@ from fewstep.config import Recipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval.evaluate import best_at_nfe, best_teacher, format_table, quality_metric, write_json
-from fewstep.eval.levels import TUNABLE_SAMPLERS, tune_levels
+from fewstep.eval.levels import check_tunable, tune_levels
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.guidance import CONVENTIONS
 from fewstep.methods import METHODS
@@ -77,9 +77,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     method = build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail early
     level_nfes = [nfe for nfe in recipe.eval.student_nfe if nfe > 1] if recipe.eval.tune_levels else []
     for nfe in level_nfes:
-        if method.sampling(nfe).sampler not in TUNABLE_SAMPLERS:
-            raise ConfigError(f"eval.tune_levels: {recipe.method} samples {nfe} NFE with "
-                              f"{method.sampling(nfe).sampler!r}; levels can be chosen for {TUNABLE_SAMPLERS}")
+        check_tunable(method.sampling(nfe), recipe.method, nfe, "eval.tune_levels")
     student = distill(teacher, recipe.method, method_args=recipe.method_args, train_config=recipe.train,
                       student_backbone_args=recipe.student_backbone_args, run_dir=out / "run",
                       nfe=tuple(recipe.eval.student_nfe), progress=progress)

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 TUNABLE_SAMPLERS = ("consistency",)
 
 
+def check_tunable(spec: Sampling, method: str, nfe: int, key: str = "levels") -> None:
+    """Refuse, naming ``key``, a schedule whose levels cannot be chosen: only the ``consistency`` sampler's
+    later levels are free (other samplers follow the grid their student was trained on)."""
+    if spec.sampler not in TUNABLE_SAMPLERS:
+        raise ConfigError(f"{key}: {method} samples {nfe} NFE with {spec.sampler!r}; levels can be chosen for "
+                          f"{TUNABLE_SAMPLERS}")
+
+
 def search_levels(score: Callable[[list[float]], float], levels: list[float], sigma_min: float = SIGMA_MIN,
                   grid: int = 12, rounds: int = 2, refinements: int = 1) -> tuple[list[float], float, float]:
     """Minimise ``score(levels)`` over the levels after the first by coordinate search in ``log s``.
@@ -77,10 +85,7 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
     if len(dataset.train_x) < 2:
         raise DataError(f"choosing levels needs the training split of dataset {dataset.name!r}, which this "
                         "student does not carry (it was distilled from an outside teacher)")
-    sampler = student.sampling[nfe].sampler
-    if sampler not in TUNABLE_SAMPLERS:
-        raise ConfigError(f"levels can be chosen for the {TUNABLE_SAMPLERS} samplers; the {student.method} "
-                          f"student samples {nfe} NFE with {sampler!r}")
+    check_tunable(student.sampling[nfe], student.method, nfe)
     is_digits = tuple(dataset.data_shape) == digits.DIGITS_SHAPE
     n = n_samples if n_samples is not None else min(len(dataset.train_x), 5000)
     if not 2 <= n <= len(dataset.train_x):
