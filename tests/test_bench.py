@@ -8,8 +8,8 @@ import torch
 
 from fewstep.api import Teacher, build_method
 from fewstep.bench import SUITES, Suite, run_bench, select_methods
-from fewstep.bench.runner import teacher_evals_per_sample
-from fewstep.bench.suites import method_args, steps_for_budget
+from fewstep.bench.runner import _cell_key, teacher_evals_per_sample
+from fewstep.bench.suites import SCHEDULE_RULES, method_args, steps_for_budget
 from fewstep.cli import main
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
@@ -200,6 +200,16 @@ def test_staged_methods_spread_their_stages_over_the_cells_steps():
     assert method_args(suite, "ect", 3)["steps_per_stage"] == 1
     for name in ("hyper_sd", "ect"):  # the argument the bench fills is one the method takes
         assert "steps_per_stage" in {f.name for f in fields(METHODS[name].Config)}
+
+
+def test_a_changed_schedule_rule_re_measures_only_that_methods_cells(monkeypatch):
+    suite = SUITES["quick"][0]
+    names = ("ect", "hyper_sd", "scd", "cd")
+    before = {name: _cell_key(suite, name, 0) for name in names}
+    monkeypatch.setitem(SCHEDULE_RULES, "ect", {"stages_per_run": 4})
+    assert method_args(suite, "ect", 1000)["steps_per_stage"] == 250
+    after = {name: _cell_key(suite, name, 0) for name in names}
+    assert [after[name] == before[name] for name in names] == [False, True, True, True]
 
 
 def test_tangent_warm_ups_are_a_share_of_the_cell_and_rcm_regularises_after_it():

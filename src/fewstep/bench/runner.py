@@ -45,7 +45,7 @@ from fewstep.api import (
     evaluate_models,
     pair_source_args,
 )
-from fewstep.bench.suites import TEACHER_FREE_EVALS_PER_SAMPLE, WARMUP_SHARE, Suite, method_args, steps_for_budget
+from fewstep.bench.suites import SCHEDULE_RULES, TEACHER_FREE_EVALS_PER_SAMPLE, Suite, method_args, steps_for_budget
 from fewstep.cache import atomic_write
 from fewstep.data import load_dataset
 from fewstep.data.sources import make_source
@@ -174,9 +174,8 @@ def _sweep_key(suite: Suite, seed: int) -> dict:
 
 def _cell_key(suite: Suite, method: str, seed: int) -> dict:
     fields = ("teacher_eval_budget", "max_seconds", "nfe", "batch_size", "lr", "student_backbone_args")
-    fitted = {"warmup_share": WARMUP_SHARE[method]} if method in WARMUP_SHARE else {}  # rules that shape args
     return {**_sweep_key(suite, seed), "method": method, "method_args": suite.method_args.get(method, {}),
-            **fitted, **{k: _jsonable(getattr(suite, k)) for k in fields}}
+            **SCHEDULE_RULES.get(method, {}), **{k: _jsonable(getattr(suite, k)) for k in fields}}
 
 
 def _jsonable(value):

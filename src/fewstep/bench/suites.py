@@ -15,8 +15,8 @@ Per-method choices, the same in every suite:
 * CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance); every other method
   its defaults too, except what :data:`BENCH_METHOD_ARGS` sets.
 * Staged methods (Hyper-SD, ECT): ``steps_per_stage`` splits the cell's steps into their stages
-  (:data:`STAGES_PER_RUN`); curricula (CT, iCT) span the run through ``total_steps``; sCT, sCD and rCM
-  warm their tangent up over a share of the cell's steps (:data:`WARMUP_SHARE`), and rCM's DMD term starts
+  (:data:`SCHEDULE_RULES`); curricula (CT, iCT) span the run through ``total_steps``; sCT, sCD and rCM
+  warm their tangent up over a share of the cell's steps (the same table), and rCM's DMD term starts
   after it.
 * PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
   the halving rounds (``steps_per_round = steps // rounds``). Its 1- and 2-NFE cells use the 4-step student
@@ -68,14 +68,14 @@ class Suite:
 TEACHER_FREE_EVALS_PER_SAMPLE = 2.0
 
 
-# Methods whose schedule advances in stages of ``steps_per_stage`` updates, and the stages a cell's steps are
-# split into: Hyper-SD's 8 -> 4 -> 2 segment stages plus the final 1-segment stage; ECT's shrinking-gap stages
-# (the recipe's 8 stages of 125 steps in 1000).
-STAGES_PER_RUN = {"hyper_sd": 4, "ect": 8}
-
-# Methods with a tangent warm-up (``tangent_warmup`` steps; rCM's DMD term starts when it ends), and the share
-# of a cell's steps it takes: the recipes' 300 of 3000 (ring) and 200 of 2000 (digits) steps.
-WARMUP_SHARE = {"sct": 0.1, "scd": 0.1, "rcm": 0.1}
+# Rules that fit a method's schedule to a cell's steps (they are part of the cell's key, so changing one
+# re-measures exactly that method's cells). ``stages_per_run``: the staged methods split the cell's steps into
+# this many stages of ``steps_per_stage`` (Hyper-SD's 8 -> 4 -> 2 segment stages plus the final 1-segment
+# stage; ECT's shrinking-gap stages, the recipe's 8 of 125 steps in 1000). ``warmup_share``: the methods with a
+# tangent warm-up take this share of the cell's steps for it (``tangent_warmup``; rCM's DMD term starts when
+# it ends), the recipes' 300 of 3000 (ring) and 200 of 2000 (digits) steps.
+SCHEDULE_RULES = {"hyper_sd": {"stages_per_run": 4}, "ect": {"stages_per_run": 8},
+                  **{name: {"warmup_share": 0.1} for name in ("sct", "scd", "rcm")}}
 
 
 def steps_for_budget(budget: int, teacher_evals_per_sample: float, batch_size: int) -> int:
@@ -92,10 +92,11 @@ def method_args(suite: Suite, method: str, steps: int) -> dict:
     if method == "pd":
         rounds = (args["start_steps"] // args["final_steps"]).bit_length() - 1  # halvings to final_steps
         args["steps_per_round"] = max(1, steps // rounds)
-    elif method in STAGES_PER_RUN:  # staged methods spread their stages over the cell's steps
-        args.setdefault("steps_per_stage", max(1, steps // STAGES_PER_RUN[method]))
-    elif method in WARMUP_SHARE:  # warm-ups are a share of the cell, not the defaults' 1000 steps
-        args.setdefault("tangent_warmup", max(1, int(steps * WARMUP_SHARE[method])))
+    rules = SCHEDULE_RULES.get(method, {})
+    if "stages_per_run" in rules:
+        args.setdefault("steps_per_stage", max(1, steps // rules["stages_per_run"]))
+    if "warmup_share" in rules:  # warm-ups are a share of the cell, not the defaults' 1000 steps
+        args.setdefault("tangent_warmup", max(1, int(steps * rules["warmup_share"])))
     return args
 
 
