@@ -34,7 +34,6 @@ AdamW at ``fake_lr_scale`` times the learning rate (the paper: betas (0, 0.999),
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ from fewstep.methods.base import Batch, Phase
 from fewstep.methods.continuous_consistency import SCD, SCMConfig
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
-from fewstep.solvers import SIGMA_MAX
+from fewstep.solvers import SIGMA_MAX, sample_consistency
 
 
 @dataclass
@@ -103,16 +102,16 @@ class ScoreRegularizedConsistency(SCD):
         return (self.sigma_data * s / (1 - s)).clamp(max=SIGMA_MAX)
 
     def generate(self, batch: int, label: Tensor | None, generator: torch.Generator, like: Tensor) -> Tensor:
-        """Student samples with ``k ~ U{1..max_generation_steps}`` consistency steps on its own levels; only the
-        last network call records gradients (when they are enabled)."""
+        """Student samples with ``k ~ U{1..max_generation_steps}`` consistency steps on its own levels
+        (:func:`~fewstep.solvers.sample_consistency` down to the last level, then one network call that records
+        gradients when they are enabled)."""
         k = 1 + int(torch.randint(self.config.max_generation_steps, (1,), generator=generator, device=like.device))
         levels = self.sampling(k).sigmas
-        shape = (batch, *like.shape[1:])
-        x = levels[0] * torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-        with torch.no_grad():
-            for s, s_next in itertools.pairwise(levels):
-                x0 = self.student(x, torch.full((batch,), s, device=x.device, dtype=x.dtype), label)
-                x = x0 + s_next * torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = levels[0] * torch.randn((batch, *like.shape[1:]), generator=generator, device=like.device,
+                                    dtype=like.dtype)
+        if k > 1:
+            x0 = sample_consistency(lambda y, s: self.student(y, s, label), x, torch.tensor(levels[:-1]), generator)
+            x = x0 + levels[-1] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.student(x, torch.full((batch,), levels[-1], device=x.device, dtype=x.dtype), label)
 
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
