@@ -122,16 +122,18 @@ def test_ict_draws_noise_levels_from_the_discretised_lognormal():
     assert abs(float((uniform <= -1.1).double().mean()) - 0.5) > 0.1  # the check can tell the difference
 
 
+class Drift(Denoiser):
+    """``f(x, s) = 0.3 s``: the distance between two passes is ``0.3 |s_hi - s_lo| sqrt(dim)``."""
+
+    data_shape = (2,)
+
+    def forward(self, x, s, label=None):
+        return torch.zeros_like(x) + 0.3 * s[:, None]
+
+
 def test_ict_loss_weights_the_distance_by_the_inverse_gap():
-    """A student whose output at s is x + a * s: the pseudo-Huber distance between the two passes is
-    ~ a |s_hi - s_lo| sqrt(dim), so the weighted loss is ~ a sqrt(dim) whatever the intervals drawn."""
-
-    class Drift(Denoiser):
-        data_shape = (2,)
-
-        def forward(self, x, s, label=None):
-            return torch.zeros_like(x) + 0.3 * s[:, None]
-
+    """With :class:`Drift` the pseudo-Huber distance between the two passes is ~ 0.3 |s_hi - s_lo| sqrt(dim), so
+    the weighted loss is ~ 0.3 sqrt(dim) whatever the intervals drawn."""
     ict = ImprovedConsistencyTraining(ForbiddenTeacher(), Drift(), ICTConfig(total_steps=10, start_scales=40,
                                                                            huber_c=0.0))
     loss = ict.losses("student", Batch(x0=torch.randn(256, 2)), 0, torch.Generator().manual_seed(0))["loss"]
@@ -150,12 +152,25 @@ def test_ect_gap_shrinks_by_q_per_stage_to_zero_and_stage_zero_is_denoising():
     assert torch.equal(ect_r(t, 5000), t)  # a run of thousands of stages: the gap vanishes, no overflow
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 6])
+def test_ect_inverse_gap_weighting_makes_the_loss_independent_of_the_gap(stage):
+    """With x0 = 0 the target is 0.3 r (0 where r = 0), so 1 / (t - r) times the L2 distance is 0.3 sqrt(2) for
+    every draw, at every stage; the reference code's weighting is not."""
+    batch, generator = Batch(x0=torch.zeros(512, 2)), torch.Generator()
+    config = ECTConfig(start_stage=stage, huber_c=0.0)
+    ect = EasyConsistencyTuning(ForbiddenTeacher(), Drift(), config)
+    assert math.isclose(float(ect.losses("student", batch, 0, generator.manual_seed(0))["loss"]), 0.3 * math.sqrt(2),
+                        rel_tol=1e-5)
+    edm = EasyConsistencyTuning(ForbiddenTeacher(), Drift(), ECTConfig(start_stage=stage, weighting="edm"))
+    assert abs(float(edm.losses("student", batch, 0, generator.manual_seed(0))["loss"]) - 0.3 * math.sqrt(2)) > 0.1
+
+
 def test_ect_first_stage_is_edms_denoising_loss():
-    """At stage 0 every target is x0: with the mean squared distance the loss equals EDM's teacher loss on
-    the same draws (same lognormal, same weighting (s^2 + sd^2) / (s sd)^2)."""
+    """At stage 0 every target is x0: with the mean squared distance and the reference code's weighting the
+    loss equals EDM's teacher loss on the same draws (same lognormal, same weighting (s^2 + sd^2) / (s sd)^2)."""
     torch.manual_seed(0)
     student = ConsistencyDenoiser(MLP((2,), width=32, depth=2), sigma_data=1.4)
-    ect = EasyConsistencyTuning(ForbiddenTeacher(), student, ECTConfig(start_stage=0, distance="l2",
+    ect = EasyConsistencyTuning(ForbiddenTeacher(), student, ECTConfig(start_stage=0, distance="l2", weighting="edm",
                                                                        p_mean=-1.2, p_std=1.2))
     edm = TeacherTraining(student, TeacherConfig(sigma_data=1.4, p_mean=-1.2, p_std=1.2))
     x0 = RING.train_x[:128]
@@ -183,6 +198,7 @@ def test_online_and_target_share_the_dropout_mask():
     (ImprovedConsistencyTraining, {"p_std": 0.0}, "p_std"),
     (EasyConsistencyTuning, {"q": 1.0}, "q"),
     (EasyConsistencyTuning, {"steps_per_stage": 0}, "steps_per_stage"),
+    (EasyConsistencyTuning, {"weighting": "snr"}, "weighting"),
 ])
 def test_bad_configs_are_refused(method_cls, bad, match):
     with pytest.raises((ValueError, ConfigError), match=match):

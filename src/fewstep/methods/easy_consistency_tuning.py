@@ -9,15 +9,20 @@ denoising loss, "stage 0") and shrinks by ``q`` every stage::
     dt   = t n(t) / q^stage,     n(t) = 1 + k sigmoid(-b t),     r = max(t - dt, 0)
     x_t  = x0 + t eps,           x_r = x0 + r eps                        (the SAME eps)
     y    = sg f_theta(x_r, r)  if r > 0,  else x0                        (stop-grad online target)
-    L    = E[ w(t) d( f_theta(x_t, t), y ) ],   w(t) = 1/t^2 + 1/sd^2,   d(a, b) = sqrt(|a - b|^2 + c^2) - c
+    L    = E[ w(t, r) d( f_theta(x_t, t), y ) ],   d(a, b) = sqrt(|a - b|^2 + c^2) - c
+    w(t, r) = 1 / (t - r)           (weighting = "inverse_gap", the default)
+    w(t, r) = 1/t^2 + 1/sd^2        (weighting = "edm", the reference code's)
 
 with ``stage = start_stage + floor(k / steps_per_stage)`` at training step ``k``. ``c = 0`` (the default)
 makes ``d`` the plain L2 norm, i.e. the squared loss with adaptive weight ``1 / |a - b|``. Both passes see
-the same dropout mask. With ``distance: l2`` (mean squared error) stage 0 is exactly EDM's denoising loss
-(:mod:`fewstep.train.teacher`). Sampling is multistep consistency sampling, as for CD.
+the same dropout mask. With ``weighting: edm`` and ``distance: l2`` (mean squared error) stage 0 is exactly
+EDM's denoising loss (:mod:`fewstep.train.teacher`). Sampling is multistep consistency sampling, as for CD.
 
 Defaults follow the reference code (``P_mean = -1.1``, ``P_std = 2``, ``q = 2``, ``k = 8``, ``b = 1``,
-``c = 0``); its stage index ``j`` is our ``stage - 1`` (its first tuning stage already has
+``c = 0``) except the weighting: ``1 / (t - r)`` is FastGen's consistency-model default and iCT's
+``1 / (s_{i+1} - s_i)`` in continuous form; on digits (2000 steps, levels chosen on the training split) it
+gives FD 9.24 / 5.90 / 4.56 at 1 / 2 / 4 NFE against the reference code's weighting's 6.53 at 2 NFE.
+The reference code's stage index ``j`` is our ``stage - 1`` (its first tuning stage already has
 ``dt = t n(t) / q``), so ``start_stage = 1`` starts tuning from a pretrained model and ``start_stage = 0``
 first pretrains a fresh network with the denoising loss for ``steps_per_stage`` steps.
 
@@ -34,11 +39,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fewstep.errors import ConfigError
 from fewstep.methods.base import Batch, DistillationMethod, MethodConfig, Sampling, teacher_backbone_copy
 from fewstep.methods.consistency_distillation import check_distance, consistency_distance, multistep_sigmas
 from fewstep.methods.consistency_training import online_and_target, same_eps_pair
 from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN
+
+WEIGHTINGS = ("inverse_gap", "edm")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ECTConfig(MethodConfig):
     p_std: float = 2.0
     distance: str = "pseudo_huber"
     huber_c: float = 0.0
+    weighting: str = "inverse_gap"
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
     sampling_sigma_min: float = 0.821
@@ -82,6 +91,8 @@ class EasyConsistencyTuning(DistillationMethod):
             raise ValueError(f"q must be > 1 (the factor dt shrinks by per stage), got {config.q}")
         if not config.p_std > 0:
             raise ValueError(f"p_std must be positive, got {config.p_std}")
+        if config.weighting not in WEIGHTINGS:
+            raise ConfigError(f"method_args.weighting must be one of {WEIGHTINGS}, got {config.weighting!r}")
         self.sigma_data = float(getattr(student, "sigma_data", 0.5))
         self.teacher_evals = 0
 
@@ -110,7 +121,7 @@ class EasyConsistencyTuning(DistillationMethod):
         prediction, target = online_and_target(self.student, self.student, x_t, t, x_r, r_safe, label)
         target = torch.where(positive.reshape(-1, *([1] * (x0.ndim - 1))), target, x0)
         per_sample = consistency_distance(prediction, target, c.distance, c.huber_c)
-        weight = 1.0 / t**2 + 1.0 / self.sigma_data**2
+        weight = 1.0 / (t - r) if c.weighting == "inverse_gap" else 1.0 / t**2 + 1.0 / self.sigma_data**2
         return {"loss": (weight * per_sample).mean(),
                 "r_over_t": (r / t).mean().detach()}
 
