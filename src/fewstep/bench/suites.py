@@ -71,7 +71,7 @@ TEACHER_FREE_EVALS_PER_SAMPLE = 2.0
 # Rules that fit a method's schedule to a cell's steps (they are part of the cell's key, so changing one
 # re-measures exactly that method's cells). ``stages_per_run``: the staged methods split the cell's steps into
 # this many stages of ``steps_per_stage`` (Hyper-SD's 8 -> 4 -> 2 segment stages plus the final 1-segment
-# stage; ECT's shrinking-gap stages, the recipe's 8 of 125 steps in 1000). ``warmup_share``: the methods with a
+# stage; ECT's shrinking-gap stages, the recipe's 8 of 250 steps in 2000). ``warmup_share``: the methods with a
 # tangent warm-up take this share of the cell's steps for it (``tangent_warmup``; rCM's DMD term starts when
 # it ends), the recipes' 300 of 3000 (ring) and 200 of 2000 (digits) steps.
 SCHEDULE_RULES = {"hyper_sd": {"stages_per_run": 4}, "ect": {"stages_per_run": 8},
