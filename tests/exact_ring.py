@@ -19,15 +19,20 @@ RING = load_dataset("ring8")
 NOISE = torch.randn(4000, 2, generator=torch.Generator().manual_seed(11))
 
 
-def small_mlp(seed: int = 0) -> MLP:
+def small_mlp(seed: int = 0, time_frequencies: tuple[float, float] = (1e-3, 1e2)) -> MLP:
     torch.manual_seed(seed)
-    return MLP((2,), width=128, depth=3)
+    return MLP((2,), width=128, depth=3, time_frequencies=time_frequencies)
 
 
-def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3):
+def low_frequency_mlp() -> MLP:
+    """The ``ring8-scd`` recipe's student: time features at most 20 radians per unit of ``c_noise``."""
+    return small_mlp(time_frequencies=(0.1, 20.0))
+
+
+def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3, backbone=small_mlp):
     """Train ``method_cls`` against the exact ring teacher; return (method, EMA student). ``source`` defaults
     to the ring's training data."""
-    student = method_cls.build_student(RING.analytic, config, small_mlp, RING.sigma_data)
+    student = method_cls.build_student(RING.analytic, config, backbone, RING.sigma_data)
     method = method_cls(RING.analytic, student, config)
     source = source if source is not None else RealData(RING.train_x)
     result = train(method, source, TrainConfig(steps=steps, lr=lr, seed=0), progress=False)

@@ -125,3 +125,16 @@ def test_every_shipped_recipe_is_valid(recipe):
     loaded = load_recipe(recipe)
     assert loaded.method in METHODS, recipe
     build_dataclass(METHODS[loaded.method].Config, dict(loaded.method_args), "method_args")
+
+
+def test_a_float_override_in_short_scientific_notation_is_read_as_a_number():
+    """PyYAML reads ``2e-4`` as a string (YAML 1.1 wants ``2.0e-4``); a float setting takes it as 0.0002, and a
+    word is still refused by name."""
+    from fewstep.config import build_dataclass, load_recipe
+    from fewstep.errors import ConfigError
+    from fewstep.methods.continuous_consistency import SCMConfig
+
+    assert load_recipe(None, ["train.lr=2e-4", "train.ema_decay=.999"]).train.lr == 2e-4
+    assert build_dataclass(SCMConfig, {"p_mean": "-8E-1"}, "method_args").p_mean == -0.8
+    with pytest.raises(ConfigError, match=r"train\.lr must be float, got str 'fast'"):
+        load_recipe(None, ["train.lr=fast"])

@@ -49,7 +49,8 @@ def test_description_is_human_readable(tmp_path):
     edm = json.loads((tmp_path / "edm" / "fewstep.json").read_text())
     assert edm["format"] == "fewstep-model" and edm["version"] == 1
     assert edm["backbone"] == {"name": "mlp", "hparams": {"data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8,
-                                                          "num_classes": 0, "dropout": 0.0, "extra_conditions": 0}}
+                                                          "num_classes": 0, "dropout": 0.0, "extra_conditions": 0,
+                                                          "time_frequencies": [0.001, 100.0]}}
     assert (edm["path"], edm["prediction"], edm["time_convention"]) == ("ve", "edm", "c_noise = log(sigma) / 4")
     save_model(tmp_path / "cm", ConsistencyDenoiser(MLP((2,), width=8, depth=1, emb_dim=8)), {})
     assert json.loads((tmp_path / "cm" / "fewstep.json").read_text())["prediction"] == "consistency"

@@ -1,4 +1,5 @@
-"""Backbones' extra scalar conditions (second time, guidance scale): zero-initialised, shape-checked, saved."""
+"""Backbones' extra scalar conditions (second time, guidance scale): zero-initialised, shape-checked, saved;
+and the time embedding's frequency range."""
 
 import pytest
 import torch
@@ -39,3 +40,28 @@ def test_extra_conditions_survive_save_and_load(tmp_path):
     loaded = load_model(tmp_path / "m")[0].backbone
     x, c, e = torch.randn(4, 2), torch.randn(4), torch.randn(4, 1)
     assert loaded.hparams["extra_conditions"] == 1 and torch.equal(loaded(x, c, None, e), backbone(x, c, None, e))
+
+
+@pytest.mark.parametrize("make", [lambda f: MLP((2,), width=16, depth=1, time_frequencies=f),
+                                  lambda f: SmallUNet((1, 8, 8), channels=8, time_frequencies=f)])
+def test_the_time_frequency_range_bounds_the_time_derivative_and_survives_save_and_load(make, tmp_path):
+    """The highest frequency bounds how fast the time features can change: |d feature / dc| <= high."""
+    backbone = make((0.1, 20.0))
+    c = torch.linspace(-2.0, 1.5, 401, requires_grad=True)
+    features = lambda c: torch.cat([torch.cos(c[:, None] * backbone.time_embedding.freqs),  # noqa: E731
+                                    torch.sin(c[:, None] * backbone.time_embedding.freqs)], 1)
+    slope = torch.autograd.functional.jacobian(lambda c: features(c).sum(0), c).abs().max()
+    assert 15.0 < slope <= 20.0 + 1e-4
+    default_slope = torch.autograd.functional.jacobian(
+        lambda c: torch.cos(c[:, None] * make((1e-3, 1e2)).time_embedding.freqs).sum(0), c).abs().max()
+    assert default_slope > 90.0
+    save_model(tmp_path / "m", EDMDenoiser(backbone, 1.0), {})
+    loaded = load_model(tmp_path / "m")[0].backbone
+    x, c = torch.randn(4, *backbone.data_shape), torch.randn(4)
+    assert loaded.hparams["time_frequencies"] == [0.1, 20.0] and torch.equal(loaded(x, c), backbone(x, c))
+
+
+def test_a_bad_time_frequency_range_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"time_frequencies must be \(low, high\) with 0 < low <= high, "
+                                         r"got \(20.0, 0.1\)"):
+        MLP((2,), width=16, depth=1, time_frequencies=(20.0, 0.1))

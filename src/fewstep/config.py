@@ -8,6 +8,7 @@ that names the key, before any file is written.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,8 +71,12 @@ class Recipe:
     out: str = "runs/default"
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return ``value`` converted to ``annotation`` where that is lossless (int -> float), else raise."""
+    """Return ``value`` converted to ``annotation`` where that is lossless (int -> float, "2e-4" -> float), else
+    raise."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -100,6 +105,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 2e-4 as a string; only 2.0e-4 is a float there
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
     return value

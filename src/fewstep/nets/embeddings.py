@@ -11,12 +11,18 @@ from torch import Tensor, nn
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of a scalar time input followed by a two-layer MLP.
 
-    Frequencies are geometric between ``1e-3`` and ``1e2`` so that both EDM's ``c_noise = log(s)/4``
-    (range about [-2, 1.1]) and integer DDPM timesteps (0..999) are resolved."""
+    Frequencies (radians per unit of input) are geometric between ``frequencies[0]`` and ``frequencies[1]``.
+    The default ``(1e-3, 1e2)`` resolves both EDM's ``c_noise = log(s)/4`` (range about [-2, 1.1]) and integer
+    DDPM timesteps (0..999). Continuous-time consistency models differentiate the network in its time input,
+    and high frequencies make that derivative large and unstable (sCM, Lu & Song 2024, "no large Fourier
+    scales"): their recipes train with a narrower range such as ``(0.1, 20)``."""
 
-    def __init__(self, dim: int, features: int = 64):
+    def __init__(self, dim: int, features: int = 64, frequencies: tuple[float, float] = (1e-3, 1e2)):
         super().__init__()
-        freqs = torch.exp(torch.linspace(math.log(1e-3), math.log(1e2), features // 2))
+        low, high = frequencies
+        if not 0 < low <= high:
+            raise ValueError(f"time_frequencies must be (low, high) with 0 < low <= high, got {tuple(frequencies)}")
+        freqs = torch.exp(torch.linspace(math.log(low), math.log(high), features // 2))
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 

@@ -34,14 +34,15 @@ class MLP(nn.Module):
     """``F(x, c_noise, label)`` for samples of any shape, flattened internally."""
 
     def __init__(self, data_shape: tuple[int, ...], width: int = 256, depth: int = 4, emb_dim: int = 128,
-                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0):
+                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0,
+                 time_frequencies: tuple[float, float] = (1e-3, 1e2)):
         super().__init__()
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "width": width, "depth": depth, "emb_dim": emb_dim,
                         "num_classes": num_classes, "dropout": dropout,
-                        "extra_conditions": extra_conditions}
+                        "extra_conditions": extra_conditions, "time_frequencies": list(time_frequencies)}
         dim = math.prod(self.data_shape)
-        self.time_embedding = TimeEmbedding(emb_dim)
+        self.time_embedding = TimeEmbedding(emb_dim, frequencies=tuple(time_frequencies))
         self.label_embedding = LabelEmbedding(num_classes, emb_dim) if num_classes else None
         self.extra_embeddings = nn.ModuleList(extra_condition_embedding(emb_dim) for _ in range(extra_conditions))
         self.input = nn.Linear(dim, width)

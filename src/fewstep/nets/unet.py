@@ -39,16 +39,17 @@ class SmallUNet(nn.Module):
     """``F(x, c_noise, label)`` for images ``(C, H, W)`` with even ``H, W``: one down/up level, skip concat."""
 
     def __init__(self, data_shape: tuple[int, int, int], channels: int = 64, emb_dim: int = 128,
-                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0):
+                 num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0,
+                 time_frequencies: tuple[float, float] = (1e-3, 1e2)):
         super().__init__()
         if len(data_shape) != 3 or data_shape[1] % 2 or data_shape[2] % 2:
             raise ValueError(f"SmallUNet needs (C, H, W) with even H and W, got {tuple(data_shape)}")
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "channels": channels, "emb_dim": emb_dim,
                         "num_classes": num_classes, "dropout": dropout,
-                        "extra_conditions": extra_conditions}
+                        "extra_conditions": extra_conditions, "time_frequencies": list(time_frequencies)}
         c, c2 = channels, 2 * channels
-        self.time_embedding = TimeEmbedding(emb_dim)
+        self.time_embedding = TimeEmbedding(emb_dim, frequencies=tuple(time_frequencies))
         self.label_embedding = LabelEmbedding(num_classes, emb_dim) if num_classes else None
         self.extra_embeddings = nn.ModuleList(extra_condition_embedding(emb_dim) for _ in range(extra_conditions))
         self.input = nn.Conv2d(data_shape[0], c, 3, padding=1)
