@@ -25,7 +25,8 @@ def small_mlp(seed: int = 0, time_frequencies: tuple[float, float] = (1e-3, 1e2)
 
 
 def low_frequency_mlp() -> MLP:
-    """The ``ring8-scd`` recipe's student: time features at most 20 radians per unit of ``c_noise``."""
+    """The ring recipes' continuous-time student (sCT, sCD, rCM): time features at most 20 radians per unit of
+    ``c_noise``."""
     return small_mlp(time_frequencies=(0.1, 20.0))
 
 

@@ -1,5 +1,6 @@
 """The public API end to end on tiny budgets: teachers (analytic, MLP, UNet), distill, save/load, evaluate."""
 
+import pytest
 import torch
 
 import fewstep
@@ -59,3 +60,17 @@ def test_guidance_conventions_through_the_teacher():
     plus_one = teacher.with_guidance(2.0, "cfg_plus_one").guided(x, s, labels)
     assert torch.allclose(cfg, plus_one, atol=1e-6)
     assert not torch.allclose(cfg, teacher.denoiser(x, s, labels), atol=1e-4)
+
+
+def test_a_bad_student_or_teacher_backbone_setting_is_one_config_error_naming_it():
+    from fewstep.api import build_method
+    from fewstep.errors import ConfigError
+    from fewstep.train.teacher import train_teacher
+
+    teacher = Teacher.analytic("ring8")
+    with pytest.raises(ConfigError, match=r"student_backbone_args: .*unexpected keyword argument 'widht'"):
+        build_method(teacher, "cd", student_backbone_args={"widht": 64})
+    with pytest.raises(ConfigError, match=r"student_backbone_args: time_frequencies must be \(low, high\)"):
+        build_method(teacher, "scd", student_backbone_args={"time_frequencies": [20.0, 0.1]})
+    with pytest.raises(ConfigError, match=r"teacher backbone_args for 'mlp': time_frequencies must be"):
+        train_teacher(torch.zeros(4, 2), None, "mlp", {"data_shape": [2], "time_frequencies": [0.0, 1.0]})

@@ -65,3 +65,5 @@ def test_a_bad_time_frequency_range_is_refused_by_name():
     with pytest.raises(ValueError, match=r"time_frequencies must be \(low, high\) with 0 < low <= high, "
                                          r"got \(20.0, 0.1\)"):
         MLP((2,), width=16, depth=1, time_frequencies=(20.0, 0.1))
+    with pytest.raises(ValueError, match=r"time_frequencies must be \(low, high\).*got \(0.1,\)"):
+        MLP((2,), width=16, depth=1, time_frequencies=(0.1,))

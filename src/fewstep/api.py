@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.cache import cache_dir
 from fewstep.data import DATASETS, load_dataset
@@ -249,8 +249,14 @@ def build_method(teacher: Teacher, method: str | type, method_args: dict | None 
     config = build_dataclass(method_cls.Config, method_args, "method_args")
     dataset = teacher.dataset
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}
-    student = method_cls.build_student(teacher.guided, config, lambda: build_backbone("mlp", **backbone_args),
-                                       dataset.sigma_data)
+
+    def new_backbone() -> nn.Module:
+        try:
+            return build_backbone("mlp", **backbone_args)
+        except (TypeError, ValueError) as error:  # a misspelt or out-of-range setting: the user's input
+            raise ConfigError(f"student_backbone_args: {one_line(error)}") from error
+
+    student = method_cls.build_student(teacher.guided, config, new_backbone, dataset.sigma_data)
     try:
         return method_cls(teacher.guided, student, config)
     except ValueError as error:  # a method refusing its hyper-parameters: the user's input, one line

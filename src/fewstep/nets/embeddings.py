@@ -19,10 +19,9 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int, features: int = 64, frequencies: tuple[float, float] = (1e-3, 1e2)):
         super().__init__()
-        low, high = frequencies
-        if not 0 < low <= high:
+        if len(frequencies) != 2 or not 0 < frequencies[0] <= frequencies[1]:
             raise ValueError(f"time_frequencies must be (low, high) with 0 < low <= high, got {tuple(frequencies)}")
-        freqs = torch.exp(torch.linspace(math.log(low), math.log(high), features // 2))
+        freqs = torch.exp(torch.linspace(math.log(frequencies[0]), math.log(frequencies[1]), features // 2))
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 

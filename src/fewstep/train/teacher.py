@@ -26,6 +26,7 @@ from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError, DataError
 from fewstep.methods.base import Batch, Phase
 from fewstep.models.denoiser import EDMDenoiser
+from fewstep.models.io import one_line
 from fewstep.nets import build_backbone
 from fewstep.paths import bcast
 from fewstep.train.trainer import TrainConfig, train
@@ -105,7 +106,10 @@ def train_teacher(dataset_x: Tensor, dataset_y: Tensor | None, backbone_name: st
     and ignored when it is not. Pass the dataset's ``sigma_data`` in ``config``."""
     config = TeacherConfig() if config is None else config
     torch.manual_seed(config.train.seed)  # the initial weights come from the global RNG: make them the seed's
-    backbone = build_backbone(backbone_name, **backbone_hparams)
+    try:
+        backbone = build_backbone(backbone_name, **backbone_hparams)
+    except (TypeError, ValueError) as error:  # a misspelt or out-of-range setting: the user's input
+        raise ConfigError(f"teacher backbone_args for {backbone_name!r}: {one_line(error)}") from error
     if tuple(dataset_x.shape[1:]) != backbone.data_shape:
         raise DataError(f"training samples have shape {tuple(dataset_x.shape[1:])} but the backbone expects "
                         f"data_shape {backbone.data_shape}")
