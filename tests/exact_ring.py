@@ -24,19 +24,21 @@ def small_mlp(seed: int = 0, time_frequencies: tuple[float, float] = (1e-3, 1e2)
     return MLP((2,), width=128, depth=3, time_frequencies=time_frequencies)
 
 
-def low_frequency_mlp() -> MLP:
+def low_frequency_mlp(seed: int = 0) -> MLP:
     """The ring recipes' continuous-time student (sCT, sCD, rCM): time features at most 20 radians per unit of
     ``c_noise``."""
-    return small_mlp(time_frequencies=(0.1, 20.0))
+    return small_mlp(seed, time_frequencies=(0.1, 20.0))
 
 
-def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3, backbone=small_mlp):
+def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3, backbone=small_mlp,
+                   seed: int = 0):
     """Train ``method_cls`` against the exact ring teacher; return (method, EMA student). ``source`` defaults
-    to the ring's training data."""
-    student = method_cls.build_student(RING.analytic, config, backbone, RING.sigma_data)
+    to the ring's training data; ``seed`` seeds both the student's initialisation (``backbone(seed)``) and the
+    training run."""
+    student = method_cls.build_student(RING.analytic, config, lambda: backbone(seed), RING.sigma_data)
     method = method_cls(RING.analytic, student, config)
     source = source if source is not None else RealData(RING.train_x)
-    result = train(method, source, TrainConfig(steps=steps, lr=lr, seed=0), progress=False)
+    result = train(method, source, TrainConfig(steps=steps, lr=lr, seed=seed), progress=False)
     return method, result.ema_student
 
 
