@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import math
 import shutil
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ import torch
 from fewstep.api import Teacher, build_method
 from fewstep.bench import SUITES, Suite, run_bench, select_methods
 from fewstep.bench.runner import _cell_key, teacher_evals_per_sample
-from fewstep.bench.suites import SCHEDULE_RULES, method_args, steps_for_budget
+from fewstep.bench.suites import SCHEDULE_RULES, method_args, steps_for_budget, student_backbone_args
 from fewstep.cli import main
+from fewstep.config import load_recipe
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
 from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
@@ -251,6 +254,24 @@ def test_suites_cover_the_issue():
     for suite in [*quick.values(), *full.values()]:
         assert suite.nfe == (1, 2, 4)
         assert suite.method_args["sct"]["jvp"] == suite.method_args["scd"]["jvp"] == "finite_difference"
+
+
+def test_continuous_time_methods_get_their_ring_recipes_student_on_the_analytic_2d_tables():
+    """sCT / sCD / rCM train new students on the ring and grid: the recipes' (time features up to 20, sCD's
+    tangent normalisation 0.01); every other method, and every table with a trained teacher, is unchanged."""
+    full = {suite.name: suite for suite in SUITES["full"]}
+    for table in ("ring8", "grid25_imbalanced"):
+        suite = full[table]
+        for name in ("sct", "scd", "rcm"):
+            recipe = load_recipe(Path(__file__).parent.parent / "configs" / f"ring8-{name}.yaml")
+            assert student_backbone_args(suite, name) == recipe.student_backbone_args
+            assert suite.method_args[name].get("tangent_norm_c") == recipe.method_args.get("tangent_norm_c")
+        assert student_backbone_args(suite, "cd") == suite.student_backbone_args == {"width": 128, "depth": 3}
+        plain = dataclasses.replace(suite, method_student_args={}, method_args=full["checkerboard"].method_args)
+        changed = [name for name in METHODS if _cell_key(plain, name, 0) != _cell_key(suite, name, 0)]
+        assert changed == ["sct", "scd", "rcm"]
+    for table in ("checkerboard", "digits", "digits_cfg"):  # students copy the teacher's network
+        assert full[table].method_student_args == {} and "tangent_norm_c" not in full[table].method_args["scd"]
 
 
 def test_select_methods():

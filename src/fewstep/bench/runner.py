@@ -45,7 +45,14 @@ from fewstep.api import (
     evaluate_models,
     pair_source_args,
 )
-from fewstep.bench.suites import SCHEDULE_RULES, TEACHER_FREE_EVALS_PER_SAMPLE, Suite, method_args, steps_for_budget
+from fewstep.bench.suites import (
+    SCHEDULE_RULES,
+    TEACHER_FREE_EVALS_PER_SAMPLE,
+    Suite,
+    method_args,
+    steps_for_budget,
+    student_backbone_args,
+)
 from fewstep.cache import atomic_write
 from fewstep.data import load_dataset
 from fewstep.data.sources import make_source
@@ -173,9 +180,10 @@ def _sweep_key(suite: Suite, seed: int) -> dict:
 
 
 def _cell_key(suite: Suite, method: str, seed: int) -> dict:
-    fields = ("teacher_eval_budget", "max_seconds", "nfe", "batch_size", "lr", "student_backbone_args")
+    fields = ("teacher_eval_budget", "max_seconds", "nfe", "batch_size", "lr")
     return {**_sweep_key(suite, seed), "method": method, "method_args": suite.method_args.get(method, {}),
-            **SCHEDULE_RULES.get(method, {}), **{k: _jsonable(getattr(suite, k)) for k in fields}}
+            **SCHEDULE_RULES.get(method, {}), **{k: _jsonable(getattr(suite, k)) for k in fields},
+            "student_backbone_args": _jsonable(student_backbone_args(suite, method))}
 
 
 def _jsonable(value):
@@ -280,13 +288,14 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
                           folder: Path, seed: int, progress: bool) -> dict:
     dataset = teacher.dataset
     base_args = method_args(suite, method_name, 1)
-    probe = build_method(teacher, method_cls, base_args, suite.student_backbone_args)
+    backbone_args = student_backbone_args(suite, method_name)
+    probe = build_method(teacher, method_cls, base_args, backbone_args)
     per_sample = teacher_evals_per_sample(probe, dataset, suite.batch_size)
     steps = steps_for_budget(suite.teacher_eval_budget, per_sample or TEACHER_FREE_EVALS_PER_SAMPLE,
                              suite.batch_size)
     args = method_args(suite, method_name, steps)
     # a method may spend more after a warm-up (rCM's DMD term): budget at the dearer of the first and last step
-    late_probe = build_method(teacher, method_cls, args, suite.student_backbone_args, steps=steps)
+    late_probe = build_method(teacher, method_cls, args, backbone_args, steps=steps)
     late = teacher_evals_per_sample(late_probe, dataset, suite.batch_size, step=steps - 1)
     if late > per_sample:
         per_sample = late
@@ -294,7 +303,7 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
         args = method_args(suite, method_name, steps)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from the seed alone
         torch.manual_seed(seed)
-        distiller = build_method(teacher, method_cls, args, suite.student_backbone_args, steps=steps)
+        distiller = build_method(teacher, method_cls, args, backbone_args, steps=steps)
     source = make_source(distiller.needs, dataset, **pair_source_args(distiller, teacher, None))
     config = TrainConfig(steps=steps, batch_size=suite.batch_size, lr=suite.lr, seed=seed,
                          max_seconds=suite.max_seconds)

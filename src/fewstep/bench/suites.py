@@ -10,7 +10,7 @@ ECT, sCT) learn from data alone; they get the training steps of a method spendin
 actually used. A method whose schedule spans the run (a curriculum, stages) has it fitted to the cell's
 steps through its ``total_steps`` config field (see :func:`fewstep.build_method`).
 
-Per-method choices, the same in every suite:
+Per-method choices, the same in every suite except where a bullet names the tables:
 
 * CD: the method's defaults (18 Karras scales, target EMA 0.95, pseudo-Huber distance); every other method
   its defaults too, except what :data:`BENCH_METHOD_ARGS` sets.
@@ -18,6 +18,11 @@ Per-method choices, the same in every suite:
   (:data:`SCHEDULE_RULES`); curricula (CT, iCT) span the run through ``total_steps``; sCT, sCD and rCM
   warm their tangent up over a share of the cell's steps (the same table), and rCM's DMD term starts
   after it.
+* sCT, sCD and rCM on the analytic 2-D teachers (ring, imbalanced grid), whose students are new networks: the
+  ring recipes' student, with time features of at most 20 radians per unit of ``c_noise`` (sCM's "no large
+  Fourier scales"), and for sCD the recipe's tangent normalisation ``c = 0.01`` (a 2-D tangent's norm, about
+  0.3, is not large next to the paper's 0.1). Students of trained teachers copy the teacher's network, so they
+  keep its time features.
 * PD: ``start_steps`` 32 (quick) or 64 (full), ``final_steps`` 4, and the training steps split evenly over
   the halving rounds (``steps_per_round = steps // rounds``). Its 1- and 2-NFE cells use the 4-step student
   on the coarser nested grids, with no training for them: going below 4 steps would cost PD more rounds
@@ -43,8 +48,9 @@ class Suite:
     digits, ``"swd"`` (sliced Wasserstein) for 2-D sets, where the NLL of samples under the true density is
     shown beside it but cannot rank (a student that collapses onto the modes' centres scores better than
     real data). ``student_backbone_args`` shape the student MLP where the teacher has no network to copy (an
-    analytic teacher); students of trained teachers start from the teacher's network. ``method_args`` holds
-    per-method arguments; PD's ``steps_per_round`` is added from the budget by :func:`method_args`."""
+    analytic teacher); students of trained teachers start from the teacher's network. ``method_student_args``
+    adds per-method entries to them (:func:`student_backbone_args`). ``method_args`` holds per-method
+    arguments; PD's ``steps_per_round`` is added from the budget by :func:`method_args`."""
 
     name: str
     dataset: str
@@ -62,6 +68,7 @@ class Suite:
     batch_size: int = 256
     lr: float = 1e-3
     student_backbone_args: dict = field(default_factory=dict)
+    method_student_args: dict[str, dict] = field(default_factory=dict)
     method_args: dict[str, dict] = field(default_factory=dict)
 
 
@@ -100,7 +107,14 @@ def method_args(suite: Suite, method: str, steps: int) -> dict:
     return args
 
 
+def student_backbone_args(suite: Suite, method: str) -> dict:
+    """The backbone arguments of ``method``'s student in ``suite`` when the teacher has no network to copy."""
+    return {**suite.student_backbone_args, **suite.method_student_args.get(method, {})}
+
+
 TWO_D_STUDENT = {"width": 128, "depth": 3}
+# The continuous-time methods' new students on 2-D data, as in their ring recipes (configs/ring8-sct.yaml, ...).
+CONTINUOUS_TIME_STUDENTS = {name: {"time_frequencies": [0.1, 20.0]} for name in ("sct", "scd", "rcm")}
 CHECKERBOARD_TEACHER = {"steps": 3000}  # a fixed recipe: the cached teacher is reused by every run
 
 
@@ -120,15 +134,17 @@ def _suites(scale: str) -> list[Suite]:
              "max_seconds": 45.0 if quick else 240.0, "lr": 1e-3, "student_backbone_args": TWO_D_STUDENT,
              "method_args": method_args}
     two_d_budget = 200_000 if quick else 1_000_000
+    analytic_two_d = {**two_d, "method_student_args": CONTINUOUS_TIME_STUDENTS,
+                      "method_args": {**method_args, "scd": {**method_args["scd"], "tangent_norm_c": 0.01}}}
     digits = {"teacher": "train", "quality": "fd", "conditional": True, "lr": 2e-4, "method_args": method_args,
               "teacher_nfe": teacher_nfe, "teacher_eval_budget": 80_000 if quick else 150_000,
               "max_seconds": 90.0 if quick else 300.0}
-    ring8 = Suite("ring8", "ring8", "analytic", two_d_budget, "swd", **two_d)
+    ring8 = Suite("ring8", "ring8", "analytic", two_d_budget, "swd", **analytic_two_d)
     if quick:
         return [ring8, Suite("digits", "digits", **digits)]
     return [
         ring8,
-        Suite("grid25_imbalanced", "grid25_imbalanced", "analytic", two_d_budget, "swd", **two_d),
+        Suite("grid25_imbalanced", "grid25_imbalanced", "analytic", two_d_budget, "swd", **analytic_two_d),
         Suite("checkerboard", "checkerboard", "train", two_d_budget, "swd", teacher_args=CHECKERBOARD_TEACHER,
               **two_d),
         Suite("digits", "digits", **digits),
