@@ -270,3 +270,31 @@ def test_make_source_errors(datasets):
         make_source("labels", datasets["moons"])
     with pytest.raises(ConfigError, match="cache_path"):
         make_source("teacher_pairs", datasets["ring8"], teacher_sample_fn=CountingTeacher(), num_pairs=4)
+
+
+def test_a_source_restored_from_its_state_draws_the_batches_the_original_would(tmp_path):
+    """Mid-epoch, a real-data or teacher-pairs source's ``state_dict`` carries the epoch's order and position: a
+    fresh source loaded with it and a generator in the same state continue exactly as the original does, while a
+    fresh source without it starts a new epoch (what a resumed run did before the state was saved)."""
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+
+    def halve(noise, label):
+        return 0.5 * noise
+
+    sources = {"x0": lambda: RealData(x),
+               "noise": lambda: TeacherPairs(halve, (2,), 10, tmp_path / "pairs.safetensors", progress=False)}
+    for field, new_source in sources.items():
+        original, generator = new_source(), torch.Generator().manual_seed(1)
+        original.batch(4, generator)  # 4 of the 10 samples of the first epoch
+        state = original.state_dict()
+        restored, unrestored = new_source(), new_source()
+        restored.load_state_dict(state)
+        unrestored.load_state_dict({})  # an old checkpoint: no saved order
+        copies = [torch.Generator(), torch.Generator()]
+        for copy in copies:
+            copy.set_state(generator.get_state())
+        expected = [getattr(original.batch(4, generator), field) for _ in range(4)]  # across the epoch boundary
+        assert all(torch.equal(getattr(restored.batch(4, copies[0]), field), e) for e in expected)
+        assert not torch.equal(getattr(unrestored.batch(4, copies[1]), field), expected[0])
+    with pytest.raises(DataError, match="saved epoch order covers 10 samples"):
+        RealData(x[:5]).load_state_dict(state)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from fewstep.data.sources import RealData
 from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
 from fewstep.methods.base import Batch, DistillationMethod, MethodConfig, Phase
 from fewstep.models.analytic import ring_mixture
@@ -128,6 +129,20 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert resumed.steps_done == 40
     assert_bitwise_equal(whole, all_weights(second, resumed))
     assert [int(r["step"]) for r in read_log(tmp_path / "split")] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_resume_mid_epoch_over_real_data_is_bitwise_equal(tmp_path):
+    """RealData's epoch order is checkpointed: 48 samples in batches of 16, split at step 10 (a third of the way
+    into an epoch)."""
+    points = Points().x
+
+    def run(steps: int, run_dir):
+        method = Regression()
+        return all_weights(method, train(method, RealData(points), config(steps=steps), run_dir, progress=False))
+
+    whole = run(20, tmp_path / "whole")
+    run(10, tmp_path / "split")
+    assert_bitwise_equal(whole, run(20, tmp_path / "split"))
 
 
 def test_resume_false_starts_over(tmp_path):

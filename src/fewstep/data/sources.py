@@ -56,6 +56,19 @@ class EpochOrder:
             count -= take
         return torch.cat(parts)
 
+    def state_dict(self) -> dict:
+        """The current epoch's order and the position in it, so a resumed run draws the batches it would have."""
+        return {"order": self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "order" not in state:  # a checkpoint written before orders were saved: start a new epoch
+            return
+        order, position = state["order"].long(), int(state["position"])
+        if order.shape != (self.n,) or not 0 <= position <= self.n:
+            raise DataError(f"the saved epoch order covers {order.numel()} samples at position {position}, but this "
+                            f"source has {self.n}: resume with the data the run started with")
+        self.order, self.position = order, position
+
 
 class RealData:
     """Minibatches of real samples ``x`` (and labels ``y``), shuffled anew each epoch, without replacement."""
@@ -74,6 +87,12 @@ class RealData:
         _check_batch_size(batch_size)
         index = self.order.next(batch_size, generator)
         return Batch(x0=self.x[index], label=None if self.y is None else self.y[index])
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
 
 class TeacherPairs:
@@ -156,6 +175,12 @@ class TeacherPairs:
         index = self.order.next(batch_size, generator)
         return Batch(noise=self.noise[index], endpoint=self.endpoint[index],
                      label=None if self.label is None else self.label[index])
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
 
 def _random_labels(num_classes: int, batch_size: int, generator: torch.Generator) -> Tensor:
