@@ -127,6 +127,21 @@ def test_every_shipped_recipe_is_valid(recipe):
     build_dataclass(METHODS[loaded.method].Config, dict(loaded.method_args), "method_args")
 
 
+def test_yes_no_on_off_are_words_not_booleans_in_recipes(tmp_path):
+    """YAML 1.2 booleans: ``train.mixed_precision=no`` (accelerate's word) is the string "no", in an override and in
+    a file; ``true`` and ``false`` are booleans, and a bool setting given "yes" is refused by name."""
+    from fewstep.config import load_recipe
+    from fewstep.errors import ConfigError
+
+    assert load_recipe(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\neval:\n  tune_levels: true\n")
+    loaded = load_recipe(recipe)
+    assert loaded.train.mixed_precision == "no" and loaded.eval.tune_levels is True
+    with pytest.raises(ConfigError, match=r"eval\.tune_levels must be bool, got str 'yes'"):
+        load_recipe(None, ["eval.tune_levels=yes"])
+
+
 def test_a_float_override_in_short_scientific_notation_is_read_as_a_number():
     """PyYAML reads ``2e-4`` as a string (YAML 1.1 wants ``2.0e-4``); a float setting takes it as 0.0002, and a
     word is still refused by name."""

@@ -74,6 +74,19 @@ class Recipe:
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` and ``false`` are booleans, so a value such as
+    ``train.mixed_precision=no`` (accelerate's word) stays the string it reads as (YAML 1.1 makes yes, no, on and
+    off booleans)."""
+
+
+BOOL_TAG = "tag:yaml.org,2002:bool"
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` converted to ``annotation`` where that is lossless (int -> float, "2e-4" -> float), else
     raise."""
@@ -137,7 +150,7 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} must look like key=value (e.g. train.steps=500)")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=RecipeLoader) if raw else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {error}") from None
     node = tree
@@ -157,7 +170,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
         if not isinstance(tree, dict):
