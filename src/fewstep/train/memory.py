@@ -3,6 +3,7 @@
 * :func:`enable_gradient_checkpointing` recomputes each residual block of fewstep's backbones (MLP
   ``ResidualBlock``, SmallUNet ``ConvBlock``) in the backward pass instead of storing its activations
   (``torch.utils.checkpoint``, non-reentrant). Blocks run normally when no gradient is being recorded.
+  A diffusers model gets its own switch (``enable_gradient_checkpointing()``).
 * :func:`set_teacher_dtype` stores the frozen teacher's weights in ``bfloat16``/``float16`` and runs it under
   autocast in that dtype, returning float32 (the input's dtype) to the method.
 * :func:`memory_plan` reports, per network of the method (its top-level submodules: student, teacher, target
@@ -40,15 +41,21 @@ def _checkpointed_forward(forward, block: nn.Module, *args):
 
 
 def enable_gradient_checkpointing(method: nn.Module) -> int:
-    """Checkpoint every known residual block inside ``method``; returns how many. Raises
-    :class:`ConfigError` when it has none (a backbone fewstep does not know how to checkpoint)."""
+    """Checkpoint every known residual block inside ``method``, and switch on diffusers models' own gradient
+    checkpointing; returns how many blocks and models. Raises :class:`ConfigError` when there are none (a
+    backbone fewstep does not know how to checkpoint)."""
     blocks = [m for m in method.modules() if isinstance(m, CHECKPOINTABLE_BLOCKS)]
-    if not blocks:
+    diffusers_models = [m for m in method.modules() if getattr(m, "_supports_gradient_checkpointing", False)
+                        and callable(getattr(m, "enable_gradient_checkpointing", None))]
+    if not blocks and not diffusers_models:
         raise ConfigError(f"train.gradient_checkpointing: {type(method).__name__}'s networks have no blocks "
-                          f"fewstep can checkpoint (supported: the mlp and unet backbones); set it to false")
+                          f"fewstep can checkpoint (supported: the mlp and unet backbones, and diffusers models "
+                          f"that support it); set it to false")
     for block in blocks:
         block.forward = functools.partial(_checkpointed_forward, type(block).forward, block)
-    return len(blocks)
+    for model in diffusers_models:
+        model.enable_gradient_checkpointing()
+    return len(blocks) + len(diffusers_models)
 
 
 def _forward_in_dtype(forward, module: nn.Module, dtype: torch.dtype, x: torch.Tensor, *args, **kwargs):
