@@ -125,30 +125,34 @@ class Teacher:
     @classmethod
     def train(cls, dataset: str | DatasetSpec, backbone: str = "mlp", backbone_args: dict | None = None,
               steps: int = TEACHER_STEPS, batch_size: int = 256, lr: float = 1e-3, label_dropout: float = 0.1,
-              seed: int = 0, run_dir: str | Path | None = None, progress: bool = True) -> Teacher:
-        """Train a teacher with EDM's denoising loss on the dataset's train split."""
+              seed: int = 0, run_dir: str | Path | None = None, progress: bool = True,
+              device: str = "cpu") -> Teacher:
+        """Train a teacher with EDM's denoising loss on the dataset's train split, on ``device``."""
         dataset = _as_dataset(dataset)
         args = {**default_backbone_args(dataset), **(backbone_args or {})} if backbone == "mlp" else {
             "data_shape": list(dataset.data_shape), "num_classes": dataset.num_classes, **(backbone_args or {})}
         config = TeacherConfig(sigma_data=dataset.sigma_data, p_uncond=label_dropout,
                                train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=100,
-                                                 seed=seed, checkpoint_every=max(500, steps // 4)))
+                                                 seed=seed, checkpoint_every=max(500, steps // 4), device=device))
         denoiser = train_teacher(dataset.train_x, dataset.train_y, backbone, args, config, run_dir, progress)
         return cls(denoiser, dataset, f"trained:{dataset.name}:{backbone}")
 
     @classmethod
     def cached(cls, dataset: str | DatasetSpec, backbone: str = "mlp", backbone_args: dict | None = None,
                steps: int = TEACHER_STEPS, batch_size: int = 256, lr: float = 1e-3, label_dropout: float = 0.1,
-               seed: int = 0, progress: bool = True) -> Teacher:
-        """Load the teacher trained with exactly this recipe from the cache, training it first if needed."""
+               seed: int = 0, progress: bool = True, device: str = "cpu") -> Teacher:
+        """Load the teacher trained with exactly this recipe from the cache, training it first if needed (on
+        ``device``; a GPU draws other random numbers than a CPU, so teachers trained on one are cached apart)."""
         dataset = _as_dataset(dataset)
         key = TeacherRecipeKey(dataset.name, backbone, backbone_args or {}, steps, batch_size, lr, label_dropout,
                                seed)
-        folder = cache_dir() / "teachers" / f"{dataset.name}-{backbone}-{key.digest()}"
+        device_type = torch.device(device).type
+        suffix = "" if device_type == "cpu" else f"-{device_type}"
+        folder = cache_dir() / "teachers" / f"{dataset.name}-{backbone}-{key.digest()}{suffix}"
         if (folder / "fewstep.json").is_file():
             return cls.load(folder, dataset)
         teacher = cls.train(dataset, backbone, backbone_args, steps, batch_size, lr, label_dropout, seed,
-                            run_dir=folder.with_name(folder.name + ".run"), progress=progress)
+                            run_dir=folder.with_name(folder.name + ".run"), progress=progress, device=device)
         teacher.save(folder, recipe=asdict(key))
         return cls.load(folder, dataset)
 
@@ -169,9 +173,11 @@ class Teacher:
     @torch.no_grad()
     def sample(self, n: int, solver: str = "heun", nfe: int = BEST_TEACHER_NFE, label: Tensor | None = None,
                seed: int = 0, noise: Tensor | None = None) -> Tensor:
-        """``n`` samples from the teacher's ODE with a training-free solver at ``nfe`` evaluations."""
+        """``n`` samples from the teacher's ODE with a training-free solver at ``nfe`` evaluations, on the
+        teacher's device (``noise`` and ``label`` are moved there)."""
         if noise is None:
             noise = torch.randn((n, *self.dataset.data_shape), generator=torch.Generator().manual_seed(seed))
+        noise, label = _on_device(self.denoiser.device, noise, label)
         return sample(lambda x, s: self.guided(x, s, label), noise, solver, solver_sigmas(solver, nfe))
 
 
@@ -190,18 +196,23 @@ class Student:
     @torch.no_grad()
     def sample(self, n: int, nfe: int = 1, label: Tensor | None = None, seed: int = 0,
                noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples at ``nfe`` evaluations, on the student's device (``noise`` and ``label`` are moved
+        there; a stochastic sampler draws from ``generator``, by default one on that device seeded ``seed + 1``)."""
         if nfe not in self.sampling:
             raise ConfigError(f"this {self.method} student has no sampling schedule for nfe={nfe}; "
                               f"available: {sorted(self.sampling)}")
         if noise is None:
             noise = torch.randn((n, *self.dataset.data_shape), generator=torch.Generator().manual_seed(seed))
-        generator = generator if generator is not None else torch.Generator(noise.device).manual_seed(seed + 1)
+        device = self.denoiser.device
+        generator = generator if generator is not None else torch.Generator(device).manual_seed(seed + 1)
         return self.sample_with(self.sampling[nfe], noise, label, generator)
 
     @torch.no_grad()
     def sample_with(self, spec: Sampling, noise: Tensor, label: Tensor | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
-        """Samples from ``noise`` with the sampler and levels of ``spec`` (e.g. levels under trial)."""
+        """Samples from ``noise`` with the sampler and levels of ``spec`` (e.g. levels under trial), on the
+        student's device."""
+        noise, label = _on_device(self.denoiser.device, noise, label)
         sigmas = torch.tensor(spec.sigmas, dtype=noise.dtype)
         return sample(lambda x, s, *target: self.denoiser(x, s, label, *target), noise, spec.sampler, sigmas, generator)
 
@@ -221,6 +232,10 @@ class Student:
         sampling = {int(nfe): Sampling(**spec) for nfe, spec in meta["sampling"].items()}
         extra = {k: v for k, v in meta.items() if k in ("teacher", "guidance")}
         return cls(denoiser, meta.get("method", "?"), sampling, _dataset_of(meta, denoiser), extra)
+
+
+def _on_device(device: torch.device, noise: Tensor, label: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    return noise.to(device), None if label is None else label.to(device)
 
 
 def _dataset_of(meta: dict, denoiser: Denoiser) -> DatasetSpec:
@@ -269,8 +284,9 @@ def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size:
             nfe: tuple[int, ...] = (1, 2, 4), progress: bool = True) -> Student:
     """Distil ``teacher`` into a few-step student with a registered method (``fewstep methods`` lists them).
 
-    ``train_config`` overrides ``steps``, ``batch_size`` and ``lr`` when given. With ``run_dir`` the run
-    checkpoints there and resumes if interrupted."""
+    ``train_config`` overrides ``steps``, ``batch_size`` and ``lr`` when given; its ``device`` is where the run
+    trains, and the teacher's denoiser is moved there too (the student comes back on it). With ``run_dir`` the
+    run checkpoints there and resumes if interrupted."""
     config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights depend on the seed alone
         torch.manual_seed(config.seed)
@@ -299,10 +315,14 @@ def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tupl
                     teacher_nfe: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
                     teacher_solvers: tuple[str, ...] = ("euler", "heun", "dpmpp_2m"),
                     n_samples: int | None = None, conditional: bool | None = None, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, device: str | torch.device | None = None) -> dict:
     """One report: the teacher under each training-free solver and NFE, then each student at each NFE,
-    all from the same noise. For an analytic teacher it also reports each row's exact flow-map error."""
+    all from the same noise. For an analytic teacher it also reports each row's exact flow-map error.
+
+    ``device`` is where the noise is drawn onto and timed (default: the teacher's); each model samples on
+    its own device, so put the teacher and students where they should be timed."""
     dataset = teacher.dataset
+    device = teacher.denoiser.device if device is None else torch.device(device)
     conditional = dataset.num_classes > 0 if conditional is None else conditional
     candidates = [
         Candidate(f"teacher/{solver}@{nfe}", "teacher", solver, nfe,
@@ -320,16 +340,18 @@ def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tupl
     exact, tolerance = None, None
     if teacher.is_analytic:
         def exact(noise: Tensor, label: Tensor | None) -> Tensor:
+            noise, label = _on_device(teacher.denoiser.device, noise, label)
             return ode_endpoint(lambda x, s: teacher.guided(x, s, label), noise.double(), steps=256).float()
 
         probe = torch.randn((256, *dataset.data_shape), dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(seed + 7))
+                            generator=torch.Generator().manual_seed(seed + 7)).to(teacher.denoiser.device)
         coarse = ode_endpoint(teacher.guided, probe, steps=256)
         fine = ode_endpoint(teacher.guided, probe, steps=512)
         tolerance = float((coarse - fine).flatten(1).norm(dim=1).mean())
     report = evaluate(dataset, candidates, n_samples=n_samples, seed=seed, exact_endpoint=exact,
                       conditional=conditional, progress=progress, model=teacher.name,
-                      endpoint_tolerance=tolerance, speedup_reference=f"teacher/heun@{BEST_TEACHER_NFE}")
+                      endpoint_tolerance=tolerance, speedup_reference=f"teacher/heun@{BEST_TEACHER_NFE}",
+                      device=device)
     for student in students:
         if student.train_result is not None:
             report.setdefault("training", {})[student.name] = {

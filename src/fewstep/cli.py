@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--lr", type=float, default=1e-3)
     tt.add_argument("--label-dropout", type=float, default=0.1)
     tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--device", default="cpu", help="where to train, e.g. cuda (default cpu)")
     tt.add_argument("--out", default=None, help="model folder to write (default: the cache, reused by recipes)")
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(handler=cmd_teacher_train)
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, default=64)
     sample.add_argument("--label", type=int, default=None, help="class label (default: cycle through classes)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu", help="where to sample, e.g. cuda (default cpu)")
     sample.add_argument("--out", default="samples.png", help=".png (grid or scatter) or .pt (tensor)")
     sample.set_defaults(handler=cmd_sample)
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ev.add_argument("--n-samples", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu", help="where the models sample and are timed, e.g. cuda")
     ev.add_argument("--json", default=None, help="write the report as JSON here")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(handler=cmd_eval)
@@ -166,13 +169,13 @@ def cmd_teacher_train(args) -> None:
 
     if args.out is None:
         teacher = Teacher.cached(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
-                                 args.label_dropout, args.seed, progress=not args.quiet)
+                                 args.label_dropout, args.seed, progress=not args.quiet, device=args.device)
         print(f"teacher ready: {teacher.name}")
         return
     out = Path(args.out)
     teacher = Teacher.train(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
                             args.label_dropout, args.seed, run_dir=out.with_name(out.name + ".run"),
-                            progress=not args.quiet)
+                            progress=not args.quiet, device=args.device)
     teacher.save(out)
     print(f"wrote teacher to {out}")
 
@@ -194,6 +197,7 @@ def cmd_sample(args) -> None:
         dataset = model.dataset
     if args.n < 1:
         raise ConfigError(f"-n must be at least 1, got {args.n}")
+    model.denoiser.to(torch_device(args.device))
     label = None
     if dataset.num_classes:
         if args.label is not None and not 0 <= args.label < dataset.num_classes:
@@ -204,6 +208,7 @@ def cmd_sample(args) -> None:
         x = model.sample(args.n, nfe, label=label, seed=args.seed)
     else:
         x = model.sample(args.n, "heun", nfe, label=label, seed=args.seed)
+    x = x.cpu()
     out = Path(args.out)
     if out.suffix == ".pt":
         torch.save(x, out)
@@ -212,6 +217,19 @@ def cmd_sample(args) -> None:
     else:
         scatter_2d({f"{Path(args.model).name} @{nfe}": x}, out, reference=dataset.ref_x[: args.n])
     print(f"wrote {args.n} samples ({nfe} NFE) to {out}")
+
+
+def torch_device(name: str) -> torch.device:
+    """A ``--device`` value: a device this machine has, else one ConfigError naming the flag."""
+    from fewstep.errors import ConfigError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available here (torch {torch.__version__})")
+    return device
 
 
 def cmd_eval(args) -> None:
@@ -225,8 +243,11 @@ def cmd_eval(args) -> None:
     else:
         teacher = Teacher.load(args.teacher, args.dataset)
     students = [Student.load(folder) for folder in args.student]
+    device = torch_device(args.device)
+    for model in (teacher, *students):
+        model.denoiser.to(device)
     report = evaluate_models(teacher, students, tuple(args.nfe), tuple(args.teacher_nfe),
-                             n_samples=args.n_samples, seed=args.seed, progress=not args.quiet)
+                             n_samples=args.n_samples, seed=args.seed, progress=not args.quiet, device=device)
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

@@ -57,7 +57,8 @@ def resolve_teacher(recipe: Recipe, progress: bool = True) -> Teacher:
         teacher = Teacher.analytic(recipe.dataset)
     elif spec.source == "train":
         teacher = Teacher.cached(recipe.dataset, spec.backbone, spec.backbone_args, spec.steps, spec.batch_size,
-                                 spec.lr, spec.label_dropout, recipe.train.seed, progress=progress)
+                                 spec.lr, spec.label_dropout, recipe.train.seed, progress=progress,
+                                 device=recipe.train.device)
     else:
         teacher = Teacher.load(spec.source, recipe.dataset)
     return teacher.with_guidance(spec.guidance_scale, spec.guidance_convention)

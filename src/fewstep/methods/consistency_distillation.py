@@ -122,9 +122,9 @@ class ConsistencyDistillation(DistillationMethod):
 
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         x0, label = batch.x0, batch.label
-        index = torch.randint(0, self.config.num_scales - 1, (x0.shape[0],), generator=generator)
+        index = torch.randint(0, self.config.num_scales - 1, (x0.shape[0],), generator=generator, device=x0.device)
         s_hi, s_lo = self.grid[index].to(x0), self.grid[index + 1].to(x0)
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0)
         x_hi = x0 + bcast(s_hi, x0) * eps
         with torch.no_grad():
             x_lo = self.heun_step(x_hi, s_hi, s_lo, label)

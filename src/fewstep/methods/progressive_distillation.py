@@ -97,9 +97,9 @@ class ProgressiveDistillation(DistillationMethod):
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         x0, label = batch.x0, batch.label
         fine = self.grid(2 * self.student_steps).to(x0)
-        index = torch.randint(0, self.student_steps, (x0.shape[0],), generator=generator)
+        index = torch.randint(0, self.student_steps, (x0.shape[0],), generator=generator, device=x0.device)
         s, s_mid, s_next = fine[2 * index], fine[2 * index + 1], fine[2 * index + 2]
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0)
         x = x0 + bcast(s, x0) * eps
         with torch.no_grad():
             target = self.two_step_target(x, s, s_mid, s_next, label)

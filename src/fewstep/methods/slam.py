@@ -116,10 +116,10 @@ class SubpathLinearApproximation(ConsistencyDistillation):
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         x0, label = batch.x0, batch.label
         k = self.config.subpath_steps
-        index = torch.randint(0, self.config.num_scales - k, (x0.shape[0],), generator=generator)
+        index = torch.randint(0, self.config.num_scales - k, (x0.shape[0],), generator=generator, device=x0.device)
         s_hi, s_lo = self.grid[index].to(x0), self.grid[index + k].to(x0)
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
-        gamma = torch.rand(x0.shape[0], generator=generator).to(x0)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0)
+        gamma = torch.rand(x0.shape[0], generator=generator, device=x0.device).to(x0)
         x_hi = x0 + bcast(s_hi, x0) * eps
         with torch.no_grad():
             x_lo = self.solve_sub_path(x_hi, index, label)

@@ -18,6 +18,8 @@ Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,12 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor, label: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where its weights live (an analytic model's buffers); the CPU for a model with neither."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
 
 def as_sigma(s: Tensor | float, x: Tensor) -> Tensor:
