@@ -74,3 +74,15 @@ def test_a_bad_student_or_teacher_backbone_setting_is_one_config_error_naming_it
         build_method(teacher, "scd", student_backbone_args={"time_frequencies": [20.0, 0.1]})
     with pytest.raises(ConfigError, match=r"teacher backbone_args for 'mlp': time_frequencies must be"):
         train_teacher(torch.zeros(4, 2), None, "mlp", {"data_shape": [2], "time_frequencies": [0.0, 1.0]})
+
+
+def test_an_analytic_teacher_owns_its_mixture_so_moving_it_leaves_the_datasets_metrics_alone():
+    """Training moves the teacher to the training device; the dataset's ``log_prob`` (the evaluation's NLL) must
+    stay where the samples are measured. Here a dtype change stands in for a move to a GPU."""
+    dataset = fewstep.load_dataset("ring8")
+    teacher = Teacher.analytic(dataset)
+    assert teacher.denoiser is not dataset.analytic
+    teacher.denoiser.to(torch.float32)
+    assert dataset.analytic.means.dtype == torch.float64
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.equal(dataset.log_prob(x), Teacher.analytic(dataset).denoiser.log_prob(x))

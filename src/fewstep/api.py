@@ -13,6 +13,7 @@ A ten-line session::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
@@ -96,12 +97,13 @@ class Teacher:
 
     @classmethod
     def analytic(cls, dataset: str | DatasetSpec) -> Teacher:
-        """The exact teacher of a Gaussian-mixture dataset (``ring8``, ``grid25``, ...)."""
+        """The exact teacher of a Gaussian-mixture dataset (``ring8``, ``grid25``, ...): its own copy of the
+        mixture, so moving the teacher (to a GPU, say) leaves the dataset's metrics where they are."""
         dataset = _as_dataset(dataset)
         if dataset.analytic is None:
             raise ConfigError(f"dataset {dataset.name!r} has no analytic teacher; use a Gaussian-mixture "
                               "dataset (ring8, grid25, grid25_imbalanced) or a trained teacher")
-        return cls(dataset.analytic, dataset, f"analytic:{dataset.name}")
+        return cls(copy.deepcopy(dataset.analytic), dataset, f"analytic:{dataset.name}")
 
     @classmethod
     def load(cls, folder: str | Path, dataset: str | DatasetSpec | None = None) -> Teacher:

@@ -128,7 +128,7 @@ class HyperSD(ConsistencyDistillation):
             per_sample = pseudo_huber(prediction, target, self.huber_c)
         else:
             per_sample = squared_l2(prediction, target)
-        return {"loss": per_sample.mean(), "segments": torch.tensor(float(self.segments))}
+        return {"loss": per_sample.mean(), "segments": torch.tensor(float(self.segments), device=x0.device)}
 
     @torch.no_grad()
     def after_update(self, phase: str, step: int) -> bool:

@@ -106,7 +106,8 @@ class ProgressiveDistillation(DistillationMethod):
         self.teacher_evals += 2 * x0.shape[0]
         weight = self.student.sigma_data**2 / s**2 + 1.0
         error = (self.student(x, s, label) - target).flatten(1).pow(2).mean(1)
-        return {"loss": (weight * error).mean(), "student_steps": torch.tensor(float(self.student_steps))}
+        student_steps = torch.tensor(float(self.student_steps), device=x0.device)
+        return {"loss": (weight * error).mean(), "student_steps": student_steps}
 
     @torch.no_grad()
     def after_update(self, phase: str, step: int) -> bool:
