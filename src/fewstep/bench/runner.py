@@ -153,12 +153,13 @@ def _check_suites(suites: list[Suite], methods: dict) -> None:
 
 def teacher_recipe(suite: Suite) -> dict:
     """What identifies the suite's teacher. For a trained one, ``Teacher.cached``'s arguments with its
-    defaults filled in, so that a change of fewstep's default teacher recipe makes the saved cells stale."""
+    defaults filled in, so that a change of fewstep's default teacher recipe makes the saved cells stale
+    (not ``progress``, nor ``device``: the bench trains on the CPU)."""
     if suite.teacher == "analytic":
         return {"analytic": suite.dataset}
     bound = inspect.signature(Teacher.cached).bind(suite.dataset, **suite.teacher_args)
     bound.apply_defaults()
-    return _jsonable({k: v for k, v in bound.arguments.items() if k != "progress"})
+    return _jsonable({k: v for k, v in bound.arguments.items() if k not in ("progress", "device")})
 
 
 def resolve_teacher(suite: Suite, progress: bool = True) -> Teacher:
