@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/fewstep demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest --runslow
+	$(BIN)/python -m pytest -n auto --durations=15 --runslow
 
 bench: $(STAMP)
 	$(BIN)/fewstep bench --suite quick
