@@ -86,3 +86,11 @@ def test_an_analytic_teacher_owns_its_mixture_so_moving_it_leaves_the_datasets_m
     assert dataset.analytic.means.dtype == torch.float64
     x = torch.randn(4, 2, dtype=torch.float64)
     assert torch.equal(dataset.log_prob(x), Teacher.analytic(dataset).denoiser.log_prob(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_distill_on_a_missing_device_is_one_config_error():
+    from fewstep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="device 'cuda' is not available"):
+        fewstep.distill(Teacher.analytic("ring8"), "cd", steps=1, device="cuda", progress=False)

@@ -283,13 +283,14 @@ def build_method(teacher: Teacher, method: str | type, method_args: dict | None 
 def distill(teacher: Teacher, method: str = "cd", steps: int = 2000, batch_size: int = 256, lr: float = 2e-4,
             method_args: dict | None = None, train_config: TrainConfig | None = None,
             student_backbone_args: dict | None = None, run_dir: str | Path | None = None,
-            nfe: tuple[int, ...] = (1, 2, 4), progress: bool = True) -> Student:
+            nfe: tuple[int, ...] = (1, 2, 4), progress: bool = True, device: str = "cpu") -> Student:
     """Distil ``teacher`` into a few-step student with a registered method (``fewstep methods`` lists them).
 
-    ``train_config`` overrides ``steps``, ``batch_size`` and ``lr`` when given; its ``device`` is where the run
-    trains, and the teacher's denoiser is moved there too (the student comes back on it). With ``run_dir`` the
-    run checkpoints there and resumes if interrupted."""
-    config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
+    ``train_config`` overrides ``steps``, ``batch_size``, ``lr`` and ``device`` when given. The run trains on
+    ``device`` (e.g. ``"cuda"``), and the teacher's denoiser is moved there too (the student comes back on it).
+    With ``run_dir`` the run checkpoints there and resumes if interrupted."""
+    config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
+                                                                        device=device)
     with torch.random.fork_rng(devices=[]):  # a new student's initial weights depend on the seed alone
         torch.manual_seed(config.seed)
         distiller = build_method(teacher, method, method_args, student_backbone_args, steps=config.steps)
