@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 
 from fewstep.api import Student, Teacher
+from fewstep.cache import cache_dir
 from fewstep.jvp import jvp
 from fewstep.methods import METHODS
 from fewstep.models.denoiser import EDMDenoiser
@@ -110,7 +111,7 @@ def test_digits_teacher_trains_distils_evaluates_and_samples_on_cuda(tmp_path):
             "eval.n_samples=300", "eval.teacher_nfe=[1,2]", "eval.tune_levels=false", f"out={tmp_path / 'run'}",
             "--quiet", cwd=tmp_path)
     suffix = "" if DEVICE == "cpu" else f"-{DEVICE}"
-    teachers = sorted((Path(_cache()) / "teachers").glob(f"digits-mlp-????????????{suffix}"))
+    teachers = sorted((cache_dir() / "teachers").glob(f"digits-mlp-????????????{suffix}"))
     assert len(teachers) == 1
     student = str(tmp_path / "run" / "student")
     fewstep("eval", "--dataset", "digits", "--teacher", str(teachers[0]), "--student", student, "--teacher-nfe", "2",
@@ -122,12 +123,6 @@ def test_digits_teacher_trains_distils_evaluates_and_samples_on_cuda(tmp_path):
             "--out", str(tmp_path / "x.pt"), cwd=tmp_path)
     images = torch.load(tmp_path / "x.pt")
     assert images.shape == (16, 1, 8, 8) and images.device.type == "cpu" and images.isfinite().all()
-
-
-def _cache() -> str:
-    from fewstep.cache import cache_dir
-
-    return str(cache_dir())
 
 
 DIFFUSERS_JOB = """
