@@ -31,14 +31,15 @@ def low_frequency_mlp(seed: int = 0) -> MLP:
 
 
 def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3, backbone=small_mlp,
-                   seed: int = 0):
+                   seed: int = 0, lr_schedule: str = "constant"):
     """Train ``method_cls`` against the exact ring teacher; return (method, EMA student). ``source`` defaults
     to the ring's training data; ``seed`` seeds both the student's initialisation (``backbone(seed)``) and the
     training run."""
     student = method_cls.build_student(RING.analytic, config, lambda: backbone(seed), RING.sigma_data)
     method = method_cls(RING.analytic, student, config)
     source = source if source is not None else RealData(RING.train_x)
-    result = train(method, source, TrainConfig(steps=steps, lr=lr, seed=seed), progress=False)
+    config = TrainConfig(steps=steps, lr=lr, lr_schedule=lr_schedule, seed=seed)
+    result = train(method, source, config, progress=False)
     return method, result.ema_student
 
 
