@@ -38,8 +38,8 @@ def distil_on_ring(method_cls, config, steps: int, source=None, lr: float = 1e-3
     student = method_cls.build_student(RING.analytic, config, lambda: backbone(seed), RING.sigma_data)
     method = method_cls(RING.analytic, student, config)
     source = source if source is not None else RealData(RING.train_x)
-    config = TrainConfig(steps=steps, lr=lr, lr_schedule=lr_schedule, seed=seed)
-    result = train(method, source, config, progress=False)
+    train_config = TrainConfig(steps=steps, lr=lr, lr_schedule=lr_schedule, seed=seed)
+    result = train(method, source, train_config, progress=False)
     return method, result.ema_student
 
 
