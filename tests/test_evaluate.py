@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -6,9 +7,18 @@ import torch
 from fewstep.data.spec import DatasetSpec, Modes
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval import plots
-from fewstep.eval.evaluate import Candidate, best_at_nfe, best_teacher, evaluate, format_table, write_json
+from fewstep.eval.evaluate import (
+    Candidate,
+    best_at_nfe,
+    best_teacher,
+    evaluate,
+    finest_teacher,
+    format_table,
+    write_json,
+)
 from fewstep.eval.speed import peak_memory, time_sampler
 from fewstep.models.analytic import GaussianMixture
+from fewstep.run import report_markdown
 from test_eval_digits import make_digits_spec
 
 
@@ -221,3 +231,32 @@ def test_panels_wrap_into_rows_and_leave_empty_places(spec, tmp_path):
     assert Image.open(tmp_path / "scatter.png").size[1] > Image.open(tmp_path / "scatter.png").size[0]
     with pytest.raises(DataError, match="at least one"):
         plots.compare_grids({"gap": None}, tmp_path / "none.png")
+
+
+def _row(role: str, name: str, nfe: int, fd: float) -> dict:
+    return {"role": role, "name": name, "nfe": nfe, "fd": fd, "sec_per_sample": 1e-4}
+
+
+def test_finest_teacher_is_the_best_row_at_the_largest_teacher_nfe():
+    results = [_row("teacher", "teacher/heun@16", 16, 2.3), _row("teacher", "teacher/heun@64", 64, 3.6),
+               _row("teacher", "teacher/dpmpp_2m@64", 64, 3.5), _row("student", "student/scd@2", 2, 4.3)]
+    assert best_teacher(results)["name"] == "teacher/heun@16"
+    assert finest_teacher(results)["name"] == "teacher/dpmpp_2m@64"
+    assert finest_teacher([_row("student", "student/scd@2", 2, 4.3)]) is None
+
+
+def test_report_gives_student_ratios_to_the_teachers_best_and_finest_solve():
+    results = [_row("teacher", "teacher/heun@16", 16, 2.0), _row("teacher", "teacher/heun@64", 64, 4.0),
+               _row("student", "student/scd@2", 2, 5.0)]
+    report = {"dataset": "digits", "model": "m", "n_samples": 3000, "seed": 0, "noise_floor": {"fd": 1.0},
+              "results": results,
+              "speedup_reference": "teacher/heun@64", "best_teacher": "teacher/heun@16"}
+    student = SimpleNamespace(method="scd", name="scd")
+    text = report_markdown(report, student)
+    assert "Teacher's ODE solved most finely: teacher/heun@64 with fd = 4." in text
+    assert "fd = 5 (2.50x the teacher's best, 1.25x its finest solve)" in text
+    # When the finest solve is the best, there is one reference and one ratio.
+    results[1]["fd"] = 1.0
+    text = report_markdown(report, student)
+    assert "solved most finely" not in text
+    assert "fd = 5 (5.00x the teacher's best)" in text

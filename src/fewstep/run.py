@@ -17,7 +17,15 @@ from fewstep.api import Student, Teacher, build_method, distill, evaluate_models
 from fewstep.config import Recipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
 from fewstep.errors import ConfigError, DataError
-from fewstep.eval.evaluate import best_at_nfe, best_teacher, format_table, quality_metric, write_json
+from fewstep.eval.evaluate import (
+    DISTANCE_METRICS,
+    best_at_nfe,
+    best_teacher,
+    finest_teacher,
+    format_table,
+    quality_metric,
+    write_json,
+)
 from fewstep.eval.levels import check_tunable, tune_levels
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.guidance import CONVENTIONS
@@ -124,15 +132,23 @@ def report_markdown(report: dict, student: Student) -> str:
     lines = [f"# fewstep report: {student.method} on {report['dataset']}", "",
              f"Teacher: `{report['model']}`. Quality metric: `{metric}` (lower is better); noise floor "
              f"{report['noise_floor'].get(metric, float('nan')):.4g} (the same metric between two real sets).", ""]
+    finest = finest_teacher(results)
     if best is not None:
         lines.append(f"Teacher's best: {best['name']} with {metric} = {best[metric]:.4g} at "
                      f"{best['sec_per_sample']:.3g} s/sample.")
+    if finest is not None and finest is not best:
+        lines.append(f"Teacher's ODE solved most finely: {finest['name']} with {metric} = {finest[metric]:.4g}. A "
+                     "student distilled from the ODE aims at this reading; a best below it comes from a coarser "
+                     "solve.")
     for nfe in sorted({r["nfe"] for r in results if r["role"] == "student"}):
         stu = best_at_nfe(results, "student", nfe)
         base = best_at_nfe(results, "teacher", nfe)
         if stu is None:
             continue
         text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}"
+        if metric in DISTANCE_METRICS and best is not None:
+            text += f" ({stu[metric] / best[metric]:.2f}x the teacher's best"
+            text += f", {stu[metric] / finest[metric]:.2f}x its finest solve)" if finest is not best else ")"
         if base is not None:
             text += f" vs best training-free solver at {nfe} NFE ({base['name']}) {base[metric]:.4g}"
         if stu.get("speedup"):

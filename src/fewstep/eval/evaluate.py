@@ -157,6 +157,9 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
     }
 
 
+DISTANCE_METRICS = ("fd", "swd")  # 0 is a perfect match, so ratios of them compare rows
+
+
 def quality_metric(results: list[dict]) -> str:
     """The metric that ranks rows, lower is better: ``fd`` for digits, else ``nll``, else ``swd``."""
     for key in ("fd", "nll", "swd"):
@@ -168,6 +171,13 @@ def quality_metric(results: list[dict]) -> str:
 def best_teacher(results: list[dict]) -> dict | None:
     """The teacher row with the best quality (fewer NFE on a tie), or None without teacher rows."""
     return _best([row for row in results if row["role"] == "teacher"], results)
+
+
+def finest_teacher(results: list[dict]) -> dict | None:
+    """The best teacher row at the largest NFE measured: the teacher's ODE as nearly solved as the report has
+    it, which an ODE-following student aims at. None without teacher rows."""
+    nfes = [row["nfe"] for row in results if row["role"] == "teacher"]
+    return best_at_nfe(results, "teacher", max(nfes)) if nfes else None
 
 
 def best_at_nfe(results: list[dict], role: str, nfe: int) -> dict | None:
