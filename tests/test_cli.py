@@ -1,5 +1,6 @@
 """The command line: bad input exits with status 2, one line naming the thing to fix, and writes nothing."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,23 @@ def test_a_float_override_in_short_scientific_notation_is_read_as_a_number():
     assert build_dataclass(SCMConfig, {"p_mean": "-8E-1"}, "method_args").p_mean == -0.8
     with pytest.raises(ConfigError, match=r"train\.lr must be float, got str 'fast'"):
         load_recipe(None, ["train.lr=fast"])
+
+
+def test_teacher_train_passes_backbone_args_and_refuses_non_objects(tmp_path, capsys):
+    out = tmp_path / "teacher"
+    code, stdout, _ = run_cli(["teacher", "train", "--backbone-args",
+                               '{"width": 16, "depth": 1, "time_frequencies": [0.1, 20]}', "--steps", "2",
+                               "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and "wrote teacher" in stdout
+    hparams = json.loads((out / "fewstep.json").read_text())["backbone"]["hparams"]
+    assert (hparams["width"], hparams["depth"], hparams["time_frequencies"]) == (16, 1, [0.1, 20])
+    for text, needle in (("[16]", "needs a JSON object"), ("{width: 16}", "not JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["teacher", "train", "--backbone-args", text, "--out", str(tmp_path / "never")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--backbone-args" in err and needle in err
+    assert not (tmp_path / "never").exists()
+    code, _, err = run_cli(["teacher", "train", "--backbone-args", '{"widht": 16}', "--steps", "2", "--out",
+                            str(tmp_path / "never")], capsys)
+    assert_one_line_error(code, err, "backbone_args", "widht")
+    assert not (tmp_path / "never").exists()

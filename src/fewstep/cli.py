@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt = teacher.add_parser("train", help="train a teacher on a built-in dataset")
     tt.add_argument("--dataset", default="digits")
     tt.add_argument("--backbone", default="mlp", choices=["mlp", "unet"])
+    tt.add_argument("--backbone-args", type=json_object, default=None, metavar="JSON",
+                    help="the backbone's constructor arguments as a recipe's teacher.backbone_args, e.g. "
+                         "'{\"time_frequencies\": [0.1, 20]}' (the digits-scd teacher)")
     tt.add_argument("--steps", type=int, default=TEACHER_STEPS)
     tt.add_argument("--batch-size", type=int, default=256)
     tt.add_argument("--lr", type=float, default=1e-3)
@@ -168,12 +172,12 @@ def cmd_teacher_train(args) -> None:
     from fewstep.api import Teacher
 
     if args.out is None:
-        teacher = Teacher.cached(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
+        teacher = Teacher.cached(args.dataset, args.backbone, args.backbone_args, args.steps, args.batch_size, args.lr,
                                  args.label_dropout, args.seed, progress=not args.quiet, device=args.device)
         print(f"teacher ready: {teacher.name}")
         return
     out = Path(args.out)
-    teacher = Teacher.train(args.dataset, args.backbone, None, args.steps, args.batch_size, args.lr,
+    teacher = Teacher.train(args.dataset, args.backbone, args.backbone_args, args.steps, args.batch_size, args.lr,
                             args.label_dropout, args.seed, run_dir=out.with_name(out.name + ".run"),
                             progress=not args.quiet, device=args.device)
     teacher.save(out)
@@ -217,6 +221,17 @@ def cmd_sample(args) -> None:
     else:
         scatter_2d({f"{Path(args.model).name} @{nfe}": x}, out, reference=dataset.ref_x[: args.n])
     print(f"wrote {args.n} samples ({nfe} NFE) to {out}")
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (its keys name arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at character {error.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"needs a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
 
 
 def torch_device(name: str) -> torch.device:
