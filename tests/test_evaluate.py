@@ -14,6 +14,7 @@ from fewstep.eval.evaluate import (
     evaluate,
     finest_teacher,
     format_table,
+    ratios_to_teacher,
     write_json,
 )
 from fewstep.eval.speed import peak_memory, time_sampler
@@ -260,3 +261,14 @@ def test_report_gives_student_ratios_to_the_teachers_best_and_finest_solve():
     text = report_markdown(report, student)
     assert "solved most finely" not in text
     assert "fd = 5 (5.00x the teacher's best)" in text
+
+
+def test_ratios_to_teacher_only_for_distances():
+    results = [_row("teacher", "teacher/heun@16", 16, 2.0), _row("teacher", "teacher/heun@64", 64, 4.0),
+               _row("student", "student/scd@2", 2, 5.0)]
+    assert ratios_to_teacher(results[2], results) == " (2.50x the teacher's best, 1.25x its finest solve)"
+    swd = [{key: value for key, value in row.items() if key != "fd"} | {"swd": row["fd"]} for row in results]
+    assert ratios_to_teacher(swd[2], swd) == " (2.50x the teacher's best, 1.25x its finest solve)"
+    nll = [row | {"nll": row["swd"]} for row in swd]  # the NLL ranks when present, and ratios of it mean nothing
+    assert ratios_to_teacher(nll[2], nll) == ""
+    assert ratios_to_teacher(results[2], results[2:]) == ""  # no teacher rows

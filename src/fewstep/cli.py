@@ -249,7 +249,15 @@ def torch_device(name: str) -> torch.device:
 
 def cmd_eval(args) -> None:
     from fewstep.api import Student, Teacher, evaluate_models
-    from fewstep.eval.evaluate import format_table, write_json
+    from fewstep.eval.evaluate import (
+        DISTANCE_METRICS,
+        best_teacher,
+        finest_teacher,
+        format_table,
+        quality_metric,
+        ratios_to_teacher,
+        write_json,
+    )
 
     if args.teacher == "analytic":
         teacher = Teacher.analytic(args.dataset)
@@ -264,6 +272,13 @@ def cmd_eval(args) -> None:
     report = evaluate_models(teacher, students, tuple(args.nfe), tuple(args.teacher_nfe),
                              n_samples=args.n_samples, seed=args.seed, progress=not args.quiet, device=device)
     print(format_table(report))
+    results = report["results"]
+    student_rows = [row for row in results if row["role"] == "student"]
+    best, finest = best_teacher(results), finest_teacher(results)
+    if student_rows and best is not None and quality_metric(results) in DISTANCE_METRICS:
+        print(f"\nteacher's best: {best['name']}; its finest solve: {finest['name']}")
+        for row in student_rows:
+            print(f"{row['name']}{ratios_to_teacher(row, results)}")
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")

@@ -18,12 +18,12 @@ from fewstep.config import Recipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval.evaluate import (
-    DISTANCE_METRICS,
     best_at_nfe,
     best_teacher,
     finest_teacher,
     format_table,
     quality_metric,
+    ratios_to_teacher,
     write_json,
 )
 from fewstep.eval.levels import check_tunable, tune_levels
@@ -145,10 +145,7 @@ def report_markdown(report: dict, student: Student) -> str:
         base = best_at_nfe(results, "teacher", nfe)
         if stu is None:
             continue
-        text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}"
-        if metric in DISTANCE_METRICS and best is not None:
-            text += f" ({stu[metric] / best[metric]:.2f}x the teacher's best"
-            text += f", {stu[metric] / finest[metric]:.2f}x its finest solve)" if finest is not best else ")"
+        text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}{ratios_to_teacher(stu, results)}"
         if base is not None:
             text += f" vs best training-free solver at {nfe} NFE ({base['name']}) {base[metric]:.4g}"
         if stu.get("speedup"):

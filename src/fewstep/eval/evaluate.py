@@ -180,6 +180,17 @@ def finest_teacher(results: list[dict]) -> dict | None:
     return best_at_nfe(results, "teacher", max(nfes)) if nfes else None
 
 
+def ratios_to_teacher(row: dict, results: list[dict]) -> str:
+    """``" (1.86x the teacher's best, 1.21x its finest solve)"`` for a distance metric (``fd``, ``swd``); the
+    second ratio only when the finest solve is not the best. Empty for the NLL or without teacher rows."""
+    metric = quality_metric(results)
+    best, finest = best_teacher(results), finest_teacher(results)
+    if metric not in DISTANCE_METRICS or best is None:
+        return ""
+    text = f" ({row[metric] / best[metric]:.2f}x the teacher's best"
+    return text + (f", {row[metric] / finest[metric]:.2f}x its finest solve)" if finest is not best else ")")
+
+
 def best_at_nfe(results: list[dict], role: str, nfe: int) -> dict | None:
     """The best-quality row of ``role`` at exactly ``nfe`` function evaluations, or None if there is none."""
     return _best([row for row in results if row["role"] == role and row["nfe"] == nfe], results)
