@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from exact_ring import RING, distil_on_ring, draw, flow_map_error, passes_issue_bar
+from exact_ring import RING, distil_on_ring, draw, flow_map_error, low_frequency_mlp, passes_issue_bar
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
 from fewstep.methods.base import Batch
@@ -169,3 +169,38 @@ def test_rcm_on_the_exact_ring_passes_the_bar_at_two_steps():
     ok, m = passes_issue_bar(draw(method, student, 2))
     assert ok, m
     assert flow_map_error(draw(method, student, 1)) < 0.498  # sCD's in the recipe run (README)
+
+
+def paper_balance_dmd_weight(method: ScoreRegularizedConsistency, batch: Batch, seed: int) -> float:
+    """The ``dmd_weight`` that gives our loss (sCD with the adaptive weight, plus ``w`` times half the mean DMD
+    square) the paper's balance (100 times the plain sCD loss plus the mean DMD square), from gradient norms:
+    ``w |grad DMD/2| / |grad sCD| = 2 |grad DMD/2| / (100 |grad plain sCD|)``."""
+    params = list(method.student.parameters())
+
+    def grad_norm(loss):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.sqrt(sum((g**2).sum() for g in grads if g is not None)).item()
+
+    def scd_loss():
+        return SCD.losses(method, "student", batch, 10**9, torch.Generator().manual_seed(seed))["loss"]
+
+    adaptive = grad_norm(scd_loss())
+    method.logvar.forward = torch.zeros_like  # u = 0: the plain loss (an instance attribute over the method)
+    try:
+        plain = grad_norm(scd_loss())
+    finally:
+        del method.logvar.forward
+    return adaptive / (50 * plain)
+
+
+@pytest.mark.slow
+def test_the_papers_balance_is_about_a_tenth_of_the_default_dmd_weight_on_the_ring():
+    """The docstring's and README's figure: after 3000 steps the paper's balance is ``dmd_weight`` ~0.10 here
+    (0.086-0.103 over five batches of 4096, measured), a tenth of the default 1.0."""
+    config = RCMConfig(p_mean=-0.5, p_std=1.6, tangent_warmup=300, jvp="finite_difference")
+    method, _ = distil_on_ring(ScoreRegularizedConsistency, config, 3000, backbone=low_frequency_mlp,
+                               lr_schedule="cosine")
+    generator = torch.Generator().manual_seed(100)
+    x0 = RING.train_x[torch.randint(len(RING.train_x), (4096,), generator=generator)]
+    weights = [paper_balance_dmd_weight(method, Batch(x0=x0), seed) for seed in range(3)]
+    assert all(0.05 < w < 0.2 for w in weights), weights
