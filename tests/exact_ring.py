@@ -12,7 +12,7 @@ from fewstep.data.sources import RealData
 from fewstep.eval.levels import tune_levels
 from fewstep.eval.toy import reference_nll, toy_metrics
 from fewstep.nets import MLP
-from fewstep.solvers import ode_endpoint, sample, solver_sigmas
+from fewstep.solvers import ode_endpoint, sample, solve
 from fewstep.train.trainer import TrainConfig, train
 
 RING = load_dataset("ring8")
@@ -61,7 +61,7 @@ def draw_with_chosen_levels(method, student, nfe: int) -> torch.Tensor:
 @cache
 def best_training_free_excess_nll(nfe: int) -> float:
     ref = reference_nll(RING)
-    return min(toy_metrics(sample(RING.analytic, NOISE, solver, solver_sigmas(solver, nfe)), RING)["nll"] - ref
+    return min(toy_metrics(solve(RING.analytic, NOISE, solver, nfe), RING)["nll"] - ref
                for solver in ("euler", "heun", "dpmpp_2m"))
 
 

@@ -54,8 +54,8 @@ def test_a_student_of_an_outside_teacher_reloads_without_a_builtin_dataset(tmp_p
 def test_guidance_conventions_through_the_teacher():
     teacher = Teacher.train("digits", backbone_args={"width": 32, "depth": 1}, steps=3, batch_size=16,
                             progress=False)
-    assert teacher.guided is teacher.denoiser  # scale 1 under "cfg" is the plain conditional model
     x, s, labels = torch.randn(8, 1, 8, 8), torch.full((8,), 2.0), torch.arange(8)
+    assert torch.equal(teacher.guided(x, s, labels), teacher.denoiser(x, s, labels))  # scale 1: the plain model
     cfg = teacher.with_guidance(3.0, "cfg").guided(x, s, labels)
     plus_one = teacher.with_guidance(2.0, "cfg_plus_one").guided(x, s, labels)
     assert torch.allclose(cfg, plus_one, atol=1e-6)

@@ -68,7 +68,7 @@ def test_a_value_the_method_refuses(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", "dataset=ring8", "teacher.source=analytic", f"out={out}",
                             "method_args.num_scales=1"], capsys)
-    assert_one_line_error(code, err, "method_args for cd", "num_scales must be >= 2")
+    assert_one_line_error(code, err, "method_args.num_scales", "must be >= 2")
     assert not out.exists()
 
 
@@ -148,7 +148,7 @@ def test_a_float_override_in_short_scientific_notation_is_read_as_a_number():
     word is still refused by name."""
     from fewstep.config import build_dataclass, load_recipe
     from fewstep.errors import ConfigError
-    from fewstep.methods.continuous_consistency import SCMConfig
+    from fewstep.methods.consistency.continuous_consistency import SCMConfig
 
     assert load_recipe(None, ["train.lr=2e-4", "train.ema_decay=.999"]).train.lr == 2e-4
     assert build_dataclass(SCMConfig, {"p_mean": "-8E-1"}, "method_args").p_mean == -0.8

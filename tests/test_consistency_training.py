@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from exact_ring import RING, distil_on_ring, draw, passes_issue_bar, small_mlp
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_training import (
+from fewstep.methods.consistency.consistency_training import (
     ConsistencyTraining,
     CTConfig,
     ct_num_scales,
     ct_target_ema,
     online_and_target,
 )
-from fewstep.methods.easy_consistency_tuning import EasyConsistencyTuning, ECTConfig, ect_r
-from fewstep.methods.improved_consistency_training import (
+from fewstep.methods.consistency.easy_consistency_tuning import EasyConsistencyTuning, ECTConfig, ect_r
+from fewstep.methods.consistency.improved_consistency_training import (
     ICTConfig,
     ImprovedConsistencyTraining,
     ict_num_scales,
@@ -54,7 +54,7 @@ def test_students_satisfy_the_boundary_condition_and_never_call_a_teacher(method
     method = method_cls(ForbiddenTeacher(), student, config)
     losses = method.losses("student", Batch(x0=RING.train_x[:64]), 0, torch.Generator().manual_seed(0))
     losses["loss"].backward()
-    assert method.teacher_evals == 0 and method.needs == "data" and METHODS[method.name] is method_cls
+    assert method.teacher_evals == 0 and method.needs == {"data"} and METHODS[method.name] is method_cls
     assert all(p.grad is not None for p in student.parameters())
 
 
@@ -125,9 +125,9 @@ def test_ict_draws_noise_levels_from_the_discretised_lognormal():
 class Drift(Denoiser):
     """``f(x, s) = 0.3 s``: the distance between two passes is ``0.3 |s_hi - s_lo| sqrt(dim)``."""
 
-    data_shape = (2,)
+    data_shape, sigma_data = (2,), 0.5
 
-    def forward(self, x, s, label=None):
+    def forward(self, x, s, cond=None):
         return torch.zeros_like(x) + 0.3 * s[:, None]
 
 

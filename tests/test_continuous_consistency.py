@@ -20,11 +20,11 @@ from exact_ring import (
     passes_issue_bar,
     small_mlp,
 )
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
-from fewstep.methods.continuous_consistency import (
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
+from fewstep.methods.consistency.continuous_consistency import (
     SCD,
     SCT,
     SCMConfig,

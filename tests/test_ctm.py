@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from exact_ring import NOISE, RING, best_training_free_excess_nll, distil_on_ring, passes_issue_bar, small_mlp
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import pseudo_huber
-from fewstep.methods.consistency_trajectory import ConsistencyTrajectory, CTMConfig
+from fewstep.methods.losses import pseudo_huber
+from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory, CTMConfig
 from fewstep.models.analytic import GaussianMixture, ring_mixture
 from fewstep.models.denoiser import Denoiser, EDMDenoiser, TwoTimeDenoiser
 from fewstep.models.io import load_model, save_model
@@ -101,7 +101,7 @@ def test_the_loss_with_target_time_zero_is_the_consistency_distillation_loss():
     loss = ctm.ctm_losses(x0, None, eps, i, j, k)["consistency"]
     t, u = ctm.grid[i], ctm.grid[j]
     x_t = x0 + t[:, None] * eps
-    cd_form = pseudo_huber(ctm.student(x_t, t), ctm.target(ctm.heun_step(x_t, t, u, None), u), ctm.huber_c)
+    cd_form = pseudo_huber(ctm.student(x_t, t), ctm.target(ctm.teacher_step(x_t, t, u, None), u), ctm.huber_c)
     assert torch.allclose(loss, cd_form.mean(), rtol=1e-5)
 
 
@@ -216,7 +216,7 @@ def test_bad_configs_and_backbones_are_refused():
             ConsistencyTrajectory(ring_mixture(), random_two_time_student(), CTMConfig(**bad))
     with pytest.raises(ValueError, match="extra condition"):
         TwoTimeDenoiser(MLP((2,), width=16, depth=1))
-    assert METHODS["ctm"] is ConsistencyTrajectory and ConsistencyTrajectory.needs == "data"
+    assert METHODS["ctm"] is ConsistencyTrajectory and ConsistencyTrajectory.needs == {"data"}
 
 
 # ------------------------------------------------------------------------------------ exact teacher
@@ -224,8 +224,8 @@ def test_bad_configs_and_backbones_are_refused():
 class CTMWithFlippedStep(ConsistencyTrajectory):
     """A broken CTM: the teacher step goes the wrong way (sign flipped in the target)."""
 
-    def heun_step(self, x, s, s_next, label):
-        return 2 * x - super().heun_step(x, s, s_next, label)
+    def teacher_step(self, x, s, s_next, cond):
+        return 2 * x - super().teacher_step(x, s, s_next, cond)
 
 
 def draw(method, student, nfe: int) -> torch.Tensor:

@@ -4,12 +4,20 @@ import pytest
 import torch
 
 from fewstep.data import DATASETS, load_dataset
+from fewstep.data.batch import NEEDS, CompositeBatch
 from fewstep.data.digits import split_indices, stratified_counts, to_raw
-from fewstep.data.sources import LabelsOnly, NoiseOnly, RealData, TeacherPairs, make_source
+from fewstep.data.sources import (
+    CompositeSource,
+    LabelsOnly,
+    NoiseOnly,
+    RealData,
+    TeacherPairs,
+    make_source,
+    pair_labels,
+)
 from fewstep.data.toy2d import REF_SIZE, TRAIN_SIZE
 from fewstep.errors import ConfigError, DataError
-from fewstep.methods.base import NEEDS
-from fewstep.solvers import sample, solver_sigmas
+from fewstep.models.denoiser import Denoiser
 
 TOY = ("ring8", "grid25", "grid25_imbalanced", "checkerboard", "moons", "spirals")
 
@@ -150,7 +158,7 @@ def test_real_data_covers_every_example_once_per_epoch():
     for epoch in range(3):
         assert torch.equal(seen[10 * epoch:10 * (epoch + 1)].sort().values, torch.arange(10))
     assert not torch.equal(seen[:10], seen[10:20])  # reshuffled each epoch
-    assert all(torch.equal(b.label, b.x0[:, 0].long() * 2) for b in batches)
+    assert all(torch.equal(b.cond, b.x0[:, 0].long() * 2) for b in batches)
     assert source.kind == "data"
 
 
@@ -161,115 +169,147 @@ def test_real_data_rejects_bad_input():
         RealData(torch.zeros(5, 2)).batch(0, torch.Generator())
 
 
-class CountingTeacher:
-    """A stand-in teacher whose endpoint is ``2 * noise + label``; counts its calls."""
+class ShiftTeacher(Denoiser):
+    """A stand-in teacher: ``D(x, s, label) = x / s + shift + label``, so one Euler step from ``s_max z`` ends at
+    ``z + shift + label``; counts the samples it denoises."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, shift: float = 0.0, num_classes: int = 3, data_shape=(2,)):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(shift))
+        self.data_shape, self.num_classes, self.samples = tuple(data_shape), num_classes, 0
 
-    def __call__(self, noise, label):
-        self.calls += 1
-        shift = 0.0 if label is None else label.to(noise.dtype).reshape(-1, *[1] * (noise.ndim - 1))
-        return 2 * noise + shift
+    def forward(self, x, s, cond=None):
+        self.samples += x.shape[0]
+        label = 0.0 if cond is None else cond.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return x / s.reshape(-1, *[1] * (x.ndim - 1)) + self.shift + label
 
 
-def test_teacher_pairs_generate_once_then_reload(tmp_path):
-    teacher = CountingTeacher()
-    path = tmp_path / "cache" / "pairs.safetensors"
+def pairs(teacher, folder, num_pairs=10, **request):
+    return TeacherPairs(teacher, num_pairs, folder, **{"solver": "euler", "nfe": 1, "chunk": 4, "progress": False,
+                                                       **request})
+
+
+def test_teacher_pairs_generate_once_then_reload_and_charge_their_cost(tmp_path):
+    teacher = ShiftTeacher(0.5)
     labels = torch.arange(10) % 3
-    first = TeacherPairs(teacher, (2,), 10, path, labels=labels, key="ring8/heun35", chunk=4, progress=False)
-    assert teacher.calls == 3 and path.is_file()
-    assert [p.name for p in path.parent.iterdir()] == ["pairs.safetensors"]  # no temporary left behind
-    second = TeacherPairs(teacher, (2,), 10, path, labels=labels, key="ring8/heun35", chunk=4, progress=False)
-    assert teacher.calls == 3
+    first = pairs(teacher, tmp_path / "cache", labels=labels)
+    assert teacher.samples == 10 and first.teacher_evals == 10 and first.cache_path.is_file()
+    assert [p.name for p in first.cache_path.parent.iterdir()] == [first.cache_path.name]  # no temporary left
+    second = pairs(teacher, tmp_path / "cache", labels=labels)
+    assert teacher.samples == 10 and second.teacher_evals == 10  # nothing solved again, the cost still charged
     assert torch.equal(first.noise, second.noise) and torch.equal(first.endpoint, second.endpoint)
     batch = second.batch(4, torch.Generator().manual_seed(0))
     assert batch.x0 is None and batch.noise.shape == (4, 2)
-    assert torch.allclose(batch.endpoint, 2 * batch.noise + batch.label[:, None].float())
+    assert torch.allclose(batch.endpoint, batch.noise + 0.5 + batch.cond[:, None].float())
     assert second.kind == "teacher_pairs"
 
 
-@pytest.mark.parametrize("change", [{"key": "other"}, {"num_pairs": 12}, {"seed": 1},
-                                    {"labels": torch.arange(10) % 2}])
-def test_teacher_pairs_regenerate_when_the_request_changes(tmp_path, change):
-    teacher = CountingTeacher()
-    path = tmp_path / "pairs.safetensors"
-    request = {"num_pairs": 10, "labels": torch.arange(10) % 3, "key": "k", "seed": 0}
-    TeacherPairs(teacher, (2,), cache_path=path, progress=False, **request)
+@pytest.mark.parametrize("change", [{"solver": "heun", "nfe": 3}, {"solver": "dpmpp_2m"}, {"nfe": 2},
+                                    {"num_pairs": 12, "labels": torch.arange(12) % 3}, {"seed": 1},
+                                    {"labels": torch.arange(10) % 2}, {"teacher": ShiftTeacher(1.0)}])
+def test_a_pair_cache_is_never_reused_for_another_solver_denoiser_or_request(tmp_path, change):
+    """The cache is keyed by the denoiser (its weights) and the solver: each request gets its own file, and a
+    request met before is answered from its file."""
+    teacher = ShiftTeacher(0.5)
+    request = {"num_pairs": 10, "labels": torch.arange(10) % 3}
+    before = pairs(teacher, tmp_path, **request)
     request.update(change)
-    if change.get("num_pairs"):
-        request["labels"] = torch.arange(request["num_pairs"]) % 3
-    pairs = TeacherPairs(teacher, (2,), cache_path=path, progress=False, **request)
-    assert teacher.calls == 2 and pairs.noise.shape[0] == request["num_pairs"]
+    other = request.pop("teacher", teacher)
+    after = pairs(other, tmp_path, **request)
+    assert after.cache_path != before.cache_path and len(list(tmp_path.iterdir())) == 2
+    assert other.samples > 0 and after.noise.shape[0] == request["num_pairs"]
+    calls = other.samples
+    pairs(other, tmp_path, **request)
+    assert other.samples == calls
 
 
 def test_teacher_pairs_regenerate_a_corrupt_cache(tmp_path):
-    path = tmp_path / "pairs.safetensors"
-    path.write_bytes(b"not a safetensors file")
-    teacher = CountingTeacher()
-    TeacherPairs(teacher, (2,), 6, path, progress=False)
-    assert teacher.calls == 1
-    TeacherPairs(teacher, (2,), 6, path, progress=False)
-    assert teacher.calls == 1
+    teacher = ShiftTeacher()
+    first = pairs(teacher, tmp_path, 6)
+    first.cache_path.write_bytes(b"not a safetensors file")
+    pairs(teacher, tmp_path, 6)
+    assert teacher.samples == 12
+    pairs(teacher, tmp_path, 6)
+    assert teacher.samples == 12
 
 
-def test_teacher_pairs_reject_a_wrong_endpoint_shape_and_write_nothing(tmp_path):
-    path = tmp_path / "pairs.safetensors"
-    with pytest.raises(DataError, match="shape"):
-        TeacherPairs(lambda noise, label: noise[:, :1], (2,), 6, path, progress=False)
-    assert not path.exists() and not list(tmp_path.iterdir())
+def test_teacher_pairs_refuse_an_unknown_solver_and_write_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="solver"):
+        pairs(ShiftTeacher(), tmp_path, solver="rk4")
+    assert not list(tmp_path.iterdir())
 
 
 def test_teacher_pairs_from_the_analytic_teacher_land_on_the_modes(tmp_path):
     data = load_dataset("ring8")
-    sigmas = solver_sigmas("heun", 35)
-
-    def heun(noise, label):
-        return sample(lambda x, s: data.analytic(x, s), noise.double(), "heun", sigmas).float()
-
-    source = make_source("teacher_pairs", data, teacher_sample_fn=heun, num_pairs=64,
-                         cache_path=tmp_path / "ring.safetensors", key="ring8/heun35", progress=False)
+    source = make_source({"teacher_pairs"}, data, TeacherPairs(data.analytic, 64, tmp_path, progress=False))
     batch = source.batch(64, torch.Generator().manual_seed(0))
     distance_to_nearest_mode = torch.cdist(batch.endpoint.double(), data.modes.means).min(1).values
     assert distance_to_nearest_mode.mean() < 0.16 and distance_to_nearest_mode.max() < 0.4  # mode std 0.1
-    assert batch.label is None
+    assert batch.cond is None and source.teacher_evals == 64 * 35
 
 
 def test_noise_and_label_sources():
     generator = torch.Generator().manual_seed(0)
     unconditional = NoiseOnly((1, 8, 8)).batch(5, generator)
-    assert unconditional.noise.shape == (5, 1, 8, 8) and unconditional.label is None
+    assert unconditional.noise.shape == (5, 1, 8, 8) and unconditional.cond is None
     conditional = NoiseOnly((2,), num_classes=3).batch(200, generator)
-    assert set(conditional.label.tolist()) == {0, 1, 2}
+    assert set(conditional.cond.tolist()) == {0, 1, 2}
     labels_only = LabelsOnly(10, (1, 8, 8)).batch(7, generator)
-    assert labels_only.label.shape == (7,) and labels_only.noise.shape == (7, 1, 8, 8)
-    assert int(labels_only.label.max()) < 10
+    assert labels_only.cond.shape == (7,) and labels_only.noise.shape == (7, 1, 8, 8)
+    assert int(labels_only.cond.max()) < 10
     with pytest.raises(ConfigError, match="num_classes"):
         LabelsOnly(0, (2,))
 
 
 def test_sources_are_deterministic_given_the_generator():
     draws = [NoiseOnly((2,), 4).batch(8, torch.Generator().manual_seed(5)) for _ in range(2)]
-    assert torch.equal(draws[0].noise, draws[1].noise) and torch.equal(draws[0].label, draws[1].label)
+    assert torch.equal(draws[0].noise, draws[1].noise) and torch.equal(draws[0].cond, draws[1].cond)
 
 
 def test_make_source_builds_every_kind(datasets, tmp_path):
     digits = datasets["digits"]
-    sources = {kind: make_source(kind, digits, teacher_sample_fn=CountingTeacher(), num_pairs=20,
-                                 cache_path=tmp_path / "digits.safetensors", progress=False) for kind in NEEDS}
+    teacher_pairs = pairs(ShiftTeacher(num_classes=10, data_shape=(1, 8, 8)), tmp_path, 20,
+                          labels=pair_labels(digits, 20))
+    sources = {kind: make_source({kind}, digits, teacher_pairs) for kind in NEEDS}
     assert {kind: source.kind for kind, source in sources.items()} == {kind: kind for kind in NEEDS}
     assert torch.equal(torch.bincount(sources["teacher_pairs"].label), torch.full((10,), 2))
     data_batch = sources["data"].batch(16, torch.Generator().manual_seed(0))
-    assert data_batch.x0.shape == (16, 1, 8, 8) and data_batch.label.shape == (16,)
+    assert data_batch.x0.shape == (16, 1, 8, 8) and data_batch.cond.shape == (16,)
+    assert [source.teacher_evals for source in sources.values()] == [20 if kind == "teacher_pairs" else 0
+                                                                     for kind in sources]
+
+
+def test_a_composite_source_draws_every_kind_it_needs(datasets):
+    """Noise for a generator plus real data for a discriminator: one batch per kind, each of the batch size; the
+    composite's state restores every part, and a kind it was not asked for is not in its batches."""
+    ring = datasets["ring8"]
+    source = make_source({"noise", "data"}, ring)
+    assert isinstance(source, CompositeSource) and source.teacher_evals == 0
+    generator = torch.Generator().manual_seed(0)
+    batch = source.batch(8, generator)
+    assert isinstance(batch, CompositeBatch) and sorted(batch.parts) == ["data", "noise"]
+    assert batch["data"].x0.shape == (8, 2) and batch["noise"].noise.shape == (8, 2) and batch.size == 8
+    assert batch["data"].noise is None and batch["noise"].x0 is None
+    assert batch.rows(2, 5)["data"].x0.shape == (3, 2)
+    with pytest.raises(KeyError, match="teacher_pairs"):
+        batch["teacher_pairs"]
+    state = source.state_dict()
+    assert set(state) == {"data.order", "data.position"}
+    copy, copy_generator = make_source({"noise", "data"}, ring), torch.Generator()
+    copy.load_state_dict(state)
+    copy_generator.set_state(generator.get_state())
+    expected, restored = source.batch(8, generator), copy.batch(8, copy_generator)
+    assert torch.equal(expected["data"].x0, restored["data"].x0)
+    assert torch.equal(expected["noise"].noise, restored["noise"].noise)
 
 
 def test_make_source_errors(datasets):
-    with pytest.raises(ConfigError, match="teacher_pairs"):
-        make_source("pairs", datasets["ring8"])
+    with pytest.raises(ConfigError, match="pairs"):
+        make_source({"pairs"}, datasets["ring8"])
     with pytest.raises(ConfigError, match="class-conditional"):
-        make_source("labels", datasets["moons"])
-    with pytest.raises(ConfigError, match="cache_path"):
-        make_source("teacher_pairs", datasets["ring8"], teacher_sample_fn=CountingTeacher(), num_pairs=4)
+        make_source({"labels"}, datasets["moons"])
+    with pytest.raises(ConfigError, match="TeacherPairs"):
+        make_source({"teacher_pairs"}, datasets["ring8"])
 
 
 def test_a_source_restored_from_its_state_draws_the_batches_the_original_would(tmp_path):
@@ -278,11 +318,7 @@ def test_a_source_restored_from_its_state_draws_the_batches_the_original_would(t
     fresh source without it starts a new epoch (what a resumed run did before the state was saved)."""
     x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
 
-    def halve(noise, label):
-        return 0.5 * noise
-
-    sources = {"x0": lambda: RealData(x),
-               "noise": lambda: TeacherPairs(halve, (2,), 10, tmp_path / "pairs.safetensors", progress=False)}
+    sources = {"x0": lambda: RealData(x), "noise": lambda: pairs(ShiftTeacher(0.5), tmp_path)}
     for field, new_source in sources.items():
         original, generator = new_source(), torch.Generator().manual_seed(1)
         original.batch(4, generator)  # 4 of the 10 samples of the first epoch

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from fewstep.data import load_dataset
+from fewstep.data.batch import Batch
 from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError
 from fewstep.eval.toy import noise_floor_toy, toy_metrics
-from fewstep.methods.base import Batch, DistillationMethod, MethodConfig
-from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
-from fewstep.models.denoiser import EDMDenoiser
+from fewstep.methods.base import DistillationMethod, MethodConfig
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
+from fewstep.models.denoiser import EDMDenoiser, innermost
 from fewstep.nets import MLP, SmallUNet
 from fewstep.solvers import sample
 from fewstep.train.checkpoint import load_checkpoint
@@ -49,6 +50,8 @@ class Deterministic(DistillationMethod):
 
 
 class RingWithNoise:
+    teacher_evals = 0
+
     def batch(self, batch_size, generator):
         index = torch.randint(RING.train_x.shape[0], (batch_size,), generator=generator)
         return Batch(x0=RING.train_x[index], noise=torch.randn(batch_size, 2, generator=generator))
@@ -223,7 +226,7 @@ def test_bad_scale_options_are_refused(key, value):
 
 
 def test_fsdp_refuses_a_method_that_bypasses_forward():
-    from fewstep.methods.consistency_trajectory import ConsistencyTrajectory, CTMConfig
+    from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory, CTMConfig
 
     student = ConsistencyTrajectory.build_student(RING.analytic, CTMConfig(), lambda: MLP((2,), width=8, depth=1),
                                                   RING.sigma_data)
@@ -244,7 +247,7 @@ def test_bf16_and_teacher_dtype_run_and_are_recorded(tmp_path):
     half = train(method, RealData(RING.train_x), cd_config(steps=20, log_every=10, mixed_precision="bf16",
                                                            teacher_dtype="bfloat16"), tmp_path / "bf16",
                  progress=False)
-    assert method.teacher.backbone.input.weight.dtype == torch.bfloat16
+    assert innermost(method.teacher).backbone.input.weight.dtype == torch.bfloat16
     assert method.student.backbone.input.weight.dtype == torch.float32
     a, b = full.losses["student/loss"], half.losses["student/loss"]
     assert a != b and abs(a - b) < 0.1 * a  # bf16 changes the numbers, not the training

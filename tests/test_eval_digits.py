@@ -19,7 +19,7 @@ def make_digits_spec() -> DatasetSpec:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, ref = order[:1200], order[1200:]
     return DatasetSpec(name="digits", data_shape=(1, 8, 8), train_x=x[train], ref_x=x[ref], num_classes=10,
-                       train_y=y[train], ref_y=y[ref])
+                       train_y=y[train], ref_y=y[ref], kind="images", metric="fd")
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,9 @@ def test_evaluate_digits_ranks_real_above_noise_with_stable_keys(digits_report):
         assert row["sec_per_sample"] > 0
     assert rows["teacher/real"]["fd"] < rows["teacher/noise"]["fd"] / 10
     assert rows["student/real"]["precision"] > rows["student/noise"]["precision"]
-    assert best_teacher(report["results"])["name"] == "teacher/real"
-    assert best_at_nfe(report["results"], "student", 2)["name"] == "student/noise"
-    assert best_at_nfe(report["results"], "student", 4) is None
+    assert best_teacher(report["results"], "fd")["name"] == "teacher/real"
+    assert best_at_nfe(report["results"], "student", 2, "fd")["name"] == "student/noise"
+    assert best_at_nfe(report["results"], "student", 4, "fd") is None
     teacher_speed = rows["teacher/real"]["sec_per_sample"]
     assert rows["student/real"]["speedup"] == pytest.approx(teacher_speed / rows["student/real"]["sec_per_sample"])
     assert "speedup" not in rows["teacher/noise"]
@@ -241,16 +241,16 @@ def _row(role: str, name: str, nfe: int, fd: float) -> dict:
 def test_finest_teacher_is_the_best_row_at_the_largest_teacher_nfe():
     results = [_row("teacher", "teacher/heun@16", 16, 2.3), _row("teacher", "teacher/heun@64", 64, 3.6),
                _row("teacher", "teacher/dpmpp_2m@64", 64, 3.5), _row("student", "student/scd@2", 2, 4.3)]
-    assert best_teacher(results)["name"] == "teacher/heun@16"
-    assert finest_teacher(results)["name"] == "teacher/dpmpp_2m@64"
-    assert finest_teacher([_row("student", "student/scd@2", 2, 4.3)]) is None
+    assert best_teacher(results, "fd")["name"] == "teacher/heun@16"
+    assert finest_teacher(results, "fd")["name"] == "teacher/dpmpp_2m@64"
+    assert finest_teacher([_row("student", "student/scd@2", 2, 4.3)], "fd") is None
 
 
 def test_report_gives_student_ratios_to_the_teachers_best_and_finest_solve():
     results = [_row("teacher", "teacher/heun@16", 16, 2.0), _row("teacher", "teacher/heun@64", 64, 4.0),
                _row("student", "student/scd@2", 2, 5.0)]
     report = {"dataset": "digits", "model": "m", "n_samples": 3000, "seed": 0, "noise_floor": {"fd": 1.0},
-              "results": results,
+              "results": results, "quality_metric": "fd",
               "speedup_reference": "teacher/heun@64", "best_teacher": "teacher/heun@16"}
     student = SimpleNamespace(method="scd", name="scd")
     text = report_markdown(report, student)
@@ -263,12 +263,10 @@ def test_report_gives_student_ratios_to_the_teachers_best_and_finest_solve():
     assert "fd = 5 (5.00x the teacher's best)" in text
 
 
-def test_ratios_to_teacher_only_for_distances():
+def test_ratios_to_teacher_are_of_the_named_metric():
     results = [_row("teacher", "teacher/heun@16", 16, 2.0), _row("teacher", "teacher/heun@64", 64, 4.0),
                _row("student", "student/scd@2", 2, 5.0)]
-    assert ratios_to_teacher(results[2], results) == " (2.50x the teacher's best, 1.25x its finest solve)"
-    swd = [{key: value for key, value in row.items() if key != "fd"} | {"swd": row["fd"]} for row in results]
-    assert ratios_to_teacher(swd[2], swd) == " (2.50x the teacher's best, 1.25x its finest solve)"
-    nll = [row | {"nll": row["swd"]} for row in swd]  # the NLL ranks when present, and ratios of it mean nothing
-    assert ratios_to_teacher(nll[2], nll) == ""
-    assert ratios_to_teacher(results[2], results[2:]) == ""  # no teacher rows
+    assert ratios_to_teacher(results[2], results, "fd") == " (2.50x the teacher's best, 1.25x its finest solve)"
+    swd = [row | {"swd": 1 / row["fd"]} for row in results]  # ranked by swd, the finest solve is also the best
+    assert ratios_to_teacher(swd[2], swd, "swd") == " (0.80x the teacher's best)"
+    assert ratios_to_teacher(results[2], results[2:], "fd") == ""  # no teacher rows

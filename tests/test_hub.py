@@ -15,9 +15,8 @@ import fewstep
 import fewstep.hub as hub
 from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError, FewstepError
-from fewstep.methods.base import Sampling
 from fewstep.paths import RectifiedFlow, VPDiscrete
-from fewstep.solvers import sample
+from fewstep.solvers import Sampling, sample
 from fewstep.train.teacher import TeacherConfig, TeacherTraining
 from fewstep.train.trainer import TrainConfig, train
 

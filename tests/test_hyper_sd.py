@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from exact_ring import best_training_free_excess_nll, distil_on_ring, draw, passes_issue_bar, small_mlp
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.hyper_sd import HyperSD, HyperSDConfig, segment_map
+from fewstep.methods.trajectory.hyper_sd import HyperSD, HyperSDConfig, segment_map
 from fewstep.models.analytic import GaussianMixture, ring_mixture
 from fewstep.models.denoiser import Denoiser, EDMDenoiser
 from fewstep.solvers import karras_sigmas
@@ -137,8 +137,8 @@ RING_STEPS = 1800
 class HyperSDWithFlippedStep(HyperSD):
     """A broken Hyper-SD: the teacher step goes the wrong way (sign flipped in the target)."""
 
-    def heun_step(self, x, s, s_next, label):
-        return 2 * x - super().heun_step(x, s, s_next, label)
+    def teacher_step(self, x, s, s_next, cond):
+        return 2 * x - super().teacher_step(x, s, s_next, cond)
 
 
 def test_hyper_sd_on_the_exact_ring_beats_every_training_free_solver_at_two_steps():

@@ -15,15 +15,16 @@ from exact_ring import (
     passes_issue_bar,
     small_mlp,
 )
+from fewstep.data.batch import Batch
 from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError
 from fewstep.guidance import GuidedDenoiser
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
-from fewstep.methods.latent_consistency import LatentConsistency, LCMConfig, teacher_step
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
+from fewstep.methods.consistency.latent_consistency import LatentConsistency, LCMConfig
+from fewstep.methods.losses import ode_step
 from fewstep.models.analytic import GaussianMixture, ring_mixture
-from fewstep.models.denoiser import FixedExtraDenoiser
+from fewstep.models.denoiser import FixedExtraDenoiser, innermost
 from fewstep.models.io import load_model, save_model
 from fewstep.nets import MLP
 from fewstep.solvers import ode_endpoint, sample
@@ -71,7 +72,7 @@ def test_without_guidance_the_lcm_target_is_cds_up_to_the_solver():
     teacher = GuidedDenoiser(two_class_mixture(), 1.0)
     method = lcm(teacher, num_scales=18, skip=1, teacher_solver="heun", guidance_min=1.0, guidance_max=1.0)
     cd = ConsistencyDistillation(teacher.denoiser, FixedExtraDenoiser(method.student, [1.0]), CDConfig())
-    batch = Batch(x0=torch.randn(256, 2), label=torch.randint(0, 2, (256,)))
+    batch = Batch(x0=torch.randn(256, 2), cond=torch.randint(0, 2, (256,)))
     lcm_loss = method.losses("student", batch, 0, torch.Generator().manual_seed(3))["loss"]
     cd_loss = cd.losses("student", batch, 0, torch.Generator().manual_seed(3))["loss"]
     assert torch.allclose(lcm_loss, cd_loss, rtol=1e-5), (lcm_loss, cd_loss)
@@ -84,16 +85,17 @@ def test_without_guidance_the_lcm_target_is_cds_up_to_the_solver():
 def test_guided_teacher_is_cfg_per_sample_and_counts_one_evaluation_per_sample():
     mixture = two_class_mixture()
     method = lcm(GuidedDenoiser(mixture, 2.0))
-    assert method.teacher is mixture and method.sampling_weight == 2.0
+    assert innermost(method.teacher) is mixture and method.sampling_weight == 2.0
     x, s = torch.randn(4, 2, dtype=DT), torch.full((4,), 0.7, dtype=DT)
     label, w = torch.tensor([0, 1, 0, 1]), torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=DT)
     got = method.guided_teacher(x, s, label, w)
     for i in range(4):
         expected = GuidedDenoiser(mixture, float(w[i]))(x[i:i + 1], s[i:i + 1], label[i:i + 1])
         assert torch.allclose(got[i:i + 1], expected, atol=1e-12)
-    method.losses("student", Batch(x0=torch.randn(32, 2), label=torch.randint(0, 2, (32,))), 0,
+    assert method.teacher_evals == 4  # one guided evaluation per sample, though it runs the mixture twice
+    method.losses("student", Batch(x0=torch.randn(32, 2), cond=torch.randint(0, 2, (32,))), 0,
                   torch.Generator().manual_seed(0))
-    assert method.teacher_evals == 32
+    assert method.teacher_evals == 4 + 32
 
 
 def test_skipping_ddim_step_lands_on_the_exact_ode_of_a_single_gaussian_as_the_step_shrinks():
@@ -105,7 +107,7 @@ def test_skipping_ddim_step_lands_on_the_exact_ode_of_a_single_gaussian_as_the_s
     for gap in (0.4, 0.2, 0.1):
         s, s_next = torch.full((128,), 3.0, dtype=DT), torch.full((128,), 3.0 - gap, dtype=DT)
         exact = x * math.sqrt(v + (3.0 - gap) ** 2) / math.sqrt(v + 9.0)
-        step = teacher_step(lambda y, t: gaussian(y, t), x, s, s_next, "euler")
+        step = ode_step(lambda y, t: gaussian(y, t), x, s, s_next, "euler")
         errors.append(float((step - exact).norm(dim=1).mean()))
     assert errors[2] < 1e-3 and errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5, errors
 
@@ -187,8 +189,8 @@ def test_metrics_catch_an_lcm_with_a_flipped_teacher_step():
 class LCMIgnoringGuidance(LatentConsistency):
     """A broken LCM: the target always uses the unguided teacher, whatever weight the student is told."""
 
-    def guided_teacher(self, x, s, label, weight):
-        return super().guided_teacher(x, s, label, torch.ones_like(weight))
+    def guided_teacher(self, x, s, cond, weight):
+        return super().guided_teacher(x, s, cond, torch.ones_like(weight))
 
 
 def guidance_effect(method_cls) -> tuple[torch.Tensor, torch.Tensor]:

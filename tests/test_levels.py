@@ -12,9 +12,9 @@ from fewstep.cli import main
 from fewstep.data import load_dataset
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval.levels import search_levels, training_split_score, tune_levels
-from fewstep.methods.base import Sampling
 from fewstep.models.denoiser import ConsistencyDenoiser
 from fewstep.nets import MLP
+from fewstep.solvers import Sampling
 
 RING = load_dataset("ring8")
 

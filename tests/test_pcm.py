@@ -14,11 +14,11 @@ from exact_ring import (
     passes_issue_bar,
     small_mlp,
 )
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
-from fewstep.methods.phased_consistency import PCMConfig, PhasedConsistency
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
+from fewstep.methods.consistency.phased_consistency import PCMConfig, PhasedConsistency
 from fewstep.models.analytic import ring_mixture
 from fewstep.models.denoiser import Denoiser, EDMDenoiser
 from fewstep.solvers import karras_sigmas, sample, solver_sigmas
@@ -65,7 +65,7 @@ def test_target_at_a_phase_edge_is_the_teachers_step_itself():
     eps = torch.randn(x0.shape, generator=generator)
     s_hi, s_lo = method.grid[index], method.grid[index + 1]
     x_hi = x0 + s_hi[:, None] * eps
-    target = method.ode_step(x_hi, s_hi, s_lo, None)
+    target = method.teacher_step(x_hi, s_hi, s_lo, None)
     prediction = method.phase_map(method.student, x_hi, s_hi, s_lo, None)
     assert torch.allclose(loss, (prediction - target).pow(2).mean(), rtol=1e-5)
 
@@ -122,8 +122,8 @@ def test_bad_config_names_the_key(bad, key):
 class PCMWithFlippedStep(PhasedConsistency):
     """A broken PCM: the teacher step goes the wrong way (sign flipped in the target)."""
 
-    def ode_step(self, x, s, s_next, label):
-        return 2 * x - super().ode_step(x, s, s_next, label)
+    def teacher_step(self, x, s, s_next, cond):
+        return 2 * x - super().teacher_step(x, s, s_next, cond)
 
 
 @pytest.fixture(scope="module")

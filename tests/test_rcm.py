@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from exact_ring import RING, distil_on_ring, draw, flow_map_error, low_frequency_mlp, passes_issue_bar
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.continuous_consistency import SCD
-from fewstep.methods.score_regularized_consistency import (
+from fewstep.methods.consistency.continuous_consistency import SCD
+from fewstep.methods.consistency.score_regularized_consistency import (
     RCMConfig,
     ScoreRegularizedConsistency,
-    denoising_weight,
     dmd_direction,
 )
+from fewstep.methods.losses import edm_weight
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
 
@@ -43,11 +43,11 @@ def test_dmd_direction_moves_generated_samples_toward_the_teachers_distribution(
     assert dmd_direction(x_generated, real, gaussian_denoiser(teacher_mean, std)(x, sigma)).abs().max() == 0
 
 
-def test_denoising_weight_makes_the_denoisers_error_unit_scale():
+def test_edm_weight_makes_the_denoisers_error_unit_scale():
     sigma = torch.tensor([0.01, 0.5, 100.0], dtype=DT)
     sd = 0.5
     # the EDM denoiser's error variance on N(0, sd^2) data is (sigma sd)^2 / (sigma^2 + sd^2)
-    assert torch.allclose(denoising_weight(sigma, sd) * (sigma * sd) ** 2 / (sigma**2 + sd**2), torch.ones(3, dtype=DT))
+    assert torch.allclose(edm_weight(sigma, sd) * (sigma * sd) ** 2 / (sigma**2 + sd**2), torch.ones(3, dtype=DT))
 
 
 def network_pair() -> tuple[EDMDenoiser, EDMDenoiser]:

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from exact_ring import best_training_free_excess_nll, distil_on_ring, draw, passes_issue_bar, small_mlp
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import CDConfig, ConsistencyDistillation
-from fewstep.methods.slam import SLAMConfig, SubpathLinearApproximation, sub_path_point
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
+from fewstep.methods.consistency.slam import SLAMConfig, SubpathLinearApproximation, sub_path_point
 from fewstep.models.analytic import ring_mixture
 from fewstep.models.denoiser import Denoiser, FixedExtraDenoiser
 from fewstep.solvers import sample_heun
@@ -141,8 +141,8 @@ def test_registry_and_bad_config():
 class SLAMWithFlippedStep(SubpathLinearApproximation):
     """A broken SLAM: the teacher step goes the wrong way (sign flipped in the target)."""
 
-    def heun_step(self, x, s, s_next, label):
-        return 2 * x - super().heun_step(x, s, s_next, label)
+    def teacher_step(self, x, s, s_next, cond):
+        return 2 * x - super().teacher_step(x, s, s_next, cond)
 
 
 def test_slam_on_the_exact_ring_beats_every_training_free_solver_at_two_steps():

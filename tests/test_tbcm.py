@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from exact_ring import RING, best_training_free_excess_nll, distil_on_ring, draw, passes_issue_bar, small_mlp
+from fewstep.data.batch import Batch
 from fewstep.data.sources import NoiseOnly
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch
-from fewstep.methods.consistency_distillation import pseudo_huber
-from fewstep.methods.trajectory_backward_consistency import TBCMConfig, TrajectoryBackwardConsistency
+from fewstep.methods.consistency.trajectory_backward_consistency import TBCMConfig, TrajectoryBackwardConsistency
+from fewstep.methods.losses import pseudo_huber
 from fewstep.models.analytic import GaussianMixture, ring_mixture
 from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
 from fewstep.solvers import sample
@@ -92,7 +92,7 @@ def test_the_loss_vanishes_for_the_exact_consistency_function_on_a_single_gaussi
 
 
 def test_tbcm_needs_noise_only_and_refuses_bad_settings():
-    assert METHODS["tbcm"] is TrajectoryBackwardConsistency and TrajectoryBackwardConsistency.needs == "noise"
+    assert METHODS["tbcm"] is TrajectoryBackwardConsistency and TrajectoryBackwardConsistency.needs == {"noise"}
     with pytest.raises(ValueError, match="noise"):
         tbcm().losses("student", Batch(x0=RING.train_x[:8]), 0, torch.Generator())
     for bad in ({"pool_size": 0}, {"rollouts_per_step": 0}, {"pool_size": 4, "rollouts_per_step": 8}):
@@ -109,7 +109,7 @@ def test_conditional_rollouts_keep_their_labels():
     method = tbcm(TBCMConfig(num_scales=4, pool_size=6, rollouts_per_step=6), teacher, student)
     label = torch.tensor([0, 1, 2, 0, 1, 2])
     noise = torch.randn(6, 2)
-    method.losses("student", Batch(noise=noise, label=label), 0, torch.Generator().manual_seed(0))
+    method.losses("student", Batch(noise=noise, cond=label), 0, torch.Generator().manual_seed(0))
     assert torch.equal(method.pool_label, label)
     assert not torch.allclose(method.rollout(noise, label), method.rollout(noise, torch.tensor([1, 2, 0] * 2)))
 
@@ -119,8 +119,8 @@ def test_conditional_rollouts_keep_their_labels():
 class TBCMWithFlippedStep(TrajectoryBackwardConsistency):
     """A broken TBCM: its rollouts step the wrong way (sign flipped), so the trajectories are not the ODE's."""
 
-    def heun_step(self, x, s, s_next, label):
-        return 2 * x - super().heun_step(x, s, s_next, label)
+    def teacher_step(self, x, s, s_next, cond):
+        return 2 * x - super().teacher_step(x, s, s_next, cond)
 
 
 RING_STEPS = 1500

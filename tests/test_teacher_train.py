@@ -3,12 +3,12 @@ import time
 import pytest
 import torch
 
+from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError, DataError
-from fewstep.methods.base import Batch
 from fewstep.models.analytic import ring_mixture
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
-from fewstep.solvers import sample, solver_sigmas
+from fewstep.solvers import solve
 from fewstep.train.teacher import TeacherConfig, TeacherTraining, train_teacher
 from fewstep.train.trainer import TrainConfig
 
@@ -25,7 +25,7 @@ def test_teacher_on_the_ring_covers_every_mode_with_near_exact_likelihood(tmp_pa
 
     n = 4000
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
-    samples = sample(teacher, noise, "heun", solver_sigmas("heun", 32))
+    samples = solve(teacher, noise, "heun", 32)
     share = torch.bincount(torch.cdist(samples.double(), ring.means).argmin(1), minlength=8).double() / n
     nll = -ring.log_prob(samples).mean().item()
     exact_nll = -ring.log_prob(ring.sample(n, torch.Generator().manual_seed(2))).mean().item()

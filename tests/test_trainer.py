@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from fewstep.data.batch import Batch
 from fewstep.data.sources import RealData
 from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
-from fewstep.methods.base import Batch, DistillationMethod, MethodConfig, Phase
+from fewstep.methods.base import DistillationMethod, MethodConfig, Phase
 from fewstep.models.analytic import ring_mixture
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
@@ -20,6 +21,8 @@ from fewstep.train.trainer import TrainConfig, lr_factor, train
 class Points:
     """A stateful source: a fixed set of ring points in order (its position is checkpointed), plus jitter
     drawn from the trainer's data generator."""
+
+    teacher_evals = 0
 
     def __init__(self, n: int = 48):
         self.x = ring_mixture().sample(n, torch.Generator().manual_seed(0)).float()
@@ -47,14 +50,12 @@ class Regression(DistillationMethod):
         torch.manual_seed(0)
         super().__init__(ring_mixture(), EDMDenoiser(MLP((2,), width=16, depth=1, emb_dim=8), 1.4), MethodConfig())
         self.fault_at, self.fault = fault_at, fault
-        self.teacher_evals = 0
 
     def losses(self, phase, batch, step, generator):
         x0 = batch.x0
         s = torch.exp(torch.randn(x0.shape[0], generator=generator, device=x0.device))
         x = x0 + s[:, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
         target = self.teacher(x, s)
-        self.teacher_evals += x0.shape[0]
         loss = ((self.student(x, s) - target) ** 2).mean()
         if step == self.fault_at and self.fault == "loss":
             loss = loss * torch.tensor(float("nan"))
@@ -195,7 +196,10 @@ class Pair(nn.Module):
 
 class TwoPhases(nn.Module):
     """Phase "a" (2 updates, half learning rate) fits a; phase "b" fits b but its loss also pulls on a;
-    "b"'s optimizer is reset after step 3. Any method-like nn.Module works with the trainer."""
+    "b"'s optimizer is reset after step 3. Any nn.Module with the trainer's protocol works with it."""
+
+    fsdp_refusal = None
+    teacher_evals = 0
 
     def __init__(self):
         super().__init__()
@@ -219,6 +223,8 @@ class TwoPhases(nn.Module):
 
 
 class Zeros:
+    teacher_evals = 0
+
     def batch(self, batch_size, generator):
         return Batch(x0=torch.zeros(batch_size, 1))
 

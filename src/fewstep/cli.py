@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.api import TEACHER_STEPS
 from fewstep.errors import FewstepError
+from fewstep.teachers import TEACHER_TRAINING_STEPS
 
 DEMO_OUT = "runs/demo"
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--backbone-args", type=json_object, default=None, metavar="JSON",
                     help="the backbone's constructor arguments as a recipe's teacher.backbone_args, e.g. "
                          "'{\"time_frequencies\": [0.1, 20]}' (the digits-scd teacher)")
-    tt.add_argument("--steps", type=int, default=TEACHER_STEPS)
+    tt.add_argument("--steps", type=int, default=TEACHER_TRAINING_STEPS)
     tt.add_argument("--batch-size", type=int, default=256)
     tt.add_argument("--lr", type=float, default=1e-3)
     tt.add_argument("--label-dropout", type=float, default=0.1)
@@ -185,10 +185,11 @@ def cmd_teacher_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from fewstep.api import BEST_TEACHER_NFE, Student, Teacher
+    from fewstep.api import Student, Teacher
     from fewstep.errors import ConfigError
     from fewstep.eval.plots import sample_grid, scatter_2d
     from fewstep.models.io import load_model
+    from fewstep.solvers import DEFAULT_TEACHER_NFE
 
     _, meta = load_model(args.model)
     if meta.get("role") == "student":
@@ -197,7 +198,7 @@ def cmd_sample(args) -> None:
         dataset = model.dataset
     else:
         model = Teacher.load(args.model)
-        nfe = args.nfe if args.nfe is not None else BEST_TEACHER_NFE
+        nfe = args.nfe if args.nfe is not None else DEFAULT_TEACHER_NFE
         dataset = model.dataset
     if args.n < 1:
         raise ConfigError(f"-n must be at least 1, got {args.n}")
@@ -216,7 +217,7 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     if out.suffix == ".pt":
         torch.save(x, out)
-    elif len(dataset.data_shape) > 1:
+    elif dataset.kind == "images":
         sample_grid(x, out)
     else:
         scatter_2d({f"{Path(args.model).name} @{nfe}": x}, out, reference=dataset.ref_x[: args.n])
@@ -249,15 +250,7 @@ def torch_device(name: str) -> torch.device:
 
 def cmd_eval(args) -> None:
     from fewstep.api import Student, Teacher, evaluate_models
-    from fewstep.eval.evaluate import (
-        DISTANCE_METRICS,
-        best_teacher,
-        finest_teacher,
-        format_table,
-        quality_metric,
-        ratios_to_teacher,
-        write_json,
-    )
+    from fewstep.eval.evaluate import best_teacher, finest_teacher, format_table, ratios_to_teacher, write_json
 
     if args.teacher == "analytic":
         teacher = Teacher.analytic(args.dataset)
@@ -272,13 +265,13 @@ def cmd_eval(args) -> None:
     report = evaluate_models(teacher, students, tuple(args.nfe), tuple(args.teacher_nfe),
                              n_samples=args.n_samples, seed=args.seed, progress=not args.quiet, device=device)
     print(format_table(report))
-    results = report["results"]
+    results, metric = report["results"], report["quality_metric"]
     student_rows = [row for row in results if row["role"] == "student"]
-    best, finest = best_teacher(results), finest_teacher(results)
-    if student_rows and best is not None and quality_metric(results) in DISTANCE_METRICS:
+    best, finest = best_teacher(results, metric), finest_teacher(results, metric)
+    if student_rows and best is not None:
         print(f"\nteacher's best: {best['name']}; its finest solve: {finest['name']}")
         for row in student_rows:
-            print(f"{row['name']}{ratios_to_teacher(row, results)}")
+            print(f"{row['name']}{ratios_to_teacher(row, results, metric)}")
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")

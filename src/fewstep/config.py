@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from fewstep.api import TEACHER_STEPS
 from fewstep.errors import ConfigError
+from fewstep.teachers import TEACHER_TRAINING_STEPS
 from fewstep.train.trainer import TrainConfig
 
 
@@ -30,7 +30,7 @@ class TeacherRecipe:
     source: str = "train"
     backbone: str = "mlp"
     backbone_args: dict = field(default_factory=dict)
-    steps: int = TEACHER_STEPS
+    steps: int = TEACHER_TRAINING_STEPS
     batch_size: int = 256
     lr: float = 1e-3
     label_dropout: float = 0.1

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from fewstep.api import Student, Teacher, build_method, distill, evaluate_models
-from fewstep.config import Recipe, build_dataclass, recipe_to_dict
+from fewstep.config import Recipe, TeacherRecipe, build_dataclass, recipe_to_dict
 from fewstep.data import load_dataset
+from fewstep.data.batch import NEEDS
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval.evaluate import (
     best_at_nfe,
     best_teacher,
+    evaluate_models,
     finest_teacher,
     format_table,
-    quality_metric,
     ratios_to_teacher,
     write_json,
 )
@@ -31,16 +31,22 @@ from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.guidance import CONVENTIONS
 from fewstep.methods import METHODS
 from fewstep.models.io import load_model
-from fewstep.solvers import TEACHER_SOLVERS
+from fewstep.pipeline import distill, method_args_for, method_class, new_method
+from fewstep.solvers import DEFAULT_TEACHER_NFE, TEACHER_SOLVERS
+from fewstep.student import Student
+from fewstep.teachers import Teacher
 from fewstep.train.trainer import accelerator_for
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Refuse a recipe that cannot run, naming the key to fix. Writes nothing."""
     dataset = load_dataset(recipe.dataset)
-    if recipe.method not in METHODS:
-        raise ConfigError(f"method: unknown method {recipe.method!r}; available: {', '.join(sorted(METHODS))}")
-    build_dataclass(METHODS[recipe.method].Config, recipe.method_args, "method_args")
+    try:
+        method_cls = method_class(recipe.method)
+    except ConfigError as error:
+        raise ConfigError(f"method: {error}") from None
+    build_dataclass(method_cls.Config, method_args_for(method_cls, recipe.method_args, recipe.train.steps),
+                    "method_args")
     source = recipe.teacher.source
     if source not in ("analytic", "train") and not Path(source).exists():
         raise ConfigError(f"teacher.source: no model folder at {source!r} (or use 'analytic' / 'train')")
@@ -58,17 +64,17 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError("eval.student_nfe and eval.teacher_nfe must be positive integers")
 
 
-def resolve_teacher(recipe: Recipe, progress: bool = True) -> Teacher:
-    """The recipe's teacher: analytic, trained (cached by recipe), or loaded from a folder."""
-    spec = recipe.teacher
+def resolve_teacher(spec: TeacherRecipe, dataset: str, seed: int = 0, device: str = "cpu",
+                    progress: bool = True) -> Teacher:
+    """A recipe's teacher (its ``teacher`` section) for ``dataset``: analytic, trained with ``seed`` on ``device``
+    (cached by recipe), or loaded from a folder; with its guidance."""
     if spec.source == "analytic":
-        teacher = Teacher.analytic(recipe.dataset)
+        teacher = Teacher.analytic(dataset)
     elif spec.source == "train":
-        teacher = Teacher.cached(recipe.dataset, spec.backbone, spec.backbone_args, spec.steps, spec.batch_size,
-                                 spec.lr, spec.label_dropout, recipe.train.seed, progress=progress,
-                                 device=recipe.train.device)
+        teacher = Teacher.cached(dataset, spec.backbone, spec.backbone_args, spec.steps, spec.batch_size, spec.lr,
+                                 spec.label_dropout, seed, progress=progress, device=device)
     else:
-        teacher = Teacher.load(spec.source, recipe.dataset)
+        teacher = Teacher.load(spec.source, dataset)
     return teacher.with_guidance(spec.guidance_scale, spec.guidance_convention)
 
 
@@ -81,14 +87,14 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     started = time.perf_counter()
     process = accelerator_for(recipe.train.device)  # one of several when launched multi-process
     with process.main_process_first():  # rank 0 trains or caches the teacher before the others load it
-        teacher = resolve_teacher(recipe, progress and process.is_main_process)
+        teacher = resolve_teacher(recipe.teacher, recipe.dataset, recipe.train.seed, recipe.train.device,
+                                  progress and process.is_main_process)
     teacher_seconds = time.perf_counter() - started
-    method = build_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args)  # fail early
+    method = new_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args, recipe.train)
     level_nfes = [nfe for nfe in recipe.eval.student_nfe if nfe > 1] if recipe.eval.tune_levels else []
     for nfe in level_nfes:
         check_tunable(method.sampling(nfe), recipe.method, nfe, "eval.tune_levels")
-    student = distill(teacher, recipe.method, method_args=recipe.method_args, train_config=recipe.train,
-                      student_backbone_args=recipe.student_backbone_args, run_dir=out / "run",
+    student = distill(teacher, method, train_config=recipe.train, run_dir=out / "run",
                       nfe=tuple(recipe.eval.student_nfe), progress=progress)
     if not process.is_main_process:  # rank 0 evaluates and writes the files
         return {}
@@ -110,15 +116,15 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
 
 def write_plots(report: dict, teacher: Teacher, student: Student, out: Path) -> None:
     dataset = teacher.dataset
-    metric = quality_metric(report["results"])
+    metric = report["quality_metric"]
     floor = report["noise_floor"].get(metric)
     quality_vs_nfe(report, out / "quality_vs_nfe.png", metric=metric, floor=floor)
-    n = 64 if len(dataset.data_shape) > 1 else 2000
+    n = 64 if dataset.kind == "images" else 2000
     label = torch.arange(n) % dataset.num_classes if dataset.num_classes else None
-    panels = {"teacher heun@35": teacher.sample(n, label=label)}
+    panels = {f"teacher heun@{DEFAULT_TEACHER_NFE}": teacher.sample(n, label=label)}
     for nfe in sorted(student.sampling)[:3]:
         panels[f"{student.method} student @{nfe}"] = student.sample(n, nfe, label=label)
-    if len(dataset.data_shape) > 1:
+    if dataset.kind == "images":
         compare_grids(panels, out / "samples.png")
     else:
         scatter_2d(panels, out / "samples.png", reference=dataset.ref_x[:n])
@@ -127,12 +133,12 @@ def write_plots(report: dict, teacher: Teacher, student: Student, out: Path) -> 
 def report_markdown(report: dict, student: Student) -> str:
     """A short human summary with the headline comparison, then the full table."""
     results = report["results"]
-    metric = quality_metric(results)
-    best = best_teacher(results)
+    metric = report["quality_metric"]
+    best = best_teacher(results, metric)
     lines = [f"# fewstep report: {student.method} on {report['dataset']}", "",
              f"Teacher: `{report['model']}`. Quality metric: `{metric}` (lower is better); noise floor "
              f"{report['noise_floor'].get(metric, float('nan')):.4g} (the same metric between two real sets).", ""]
-    finest = finest_teacher(results)
+    finest = finest_teacher(results, metric)
     if best is not None:
         lines.append(f"Teacher's best: {best['name']} with {metric} = {best[metric]:.4g} at "
                      f"{best['sec_per_sample']:.3g} s/sample.")
@@ -141,11 +147,11 @@ def report_markdown(report: dict, student: Student) -> str:
                      "student distilled from the ODE aims at this reading; a best below it comes from a coarser "
                      "solve.")
     for nfe in sorted({r["nfe"] for r in results if r["role"] == "student"}):
-        stu = best_at_nfe(results, "student", nfe)
-        base = best_at_nfe(results, "teacher", nfe)
+        stu = best_at_nfe(results, "student", nfe, metric)
+        base = best_at_nfe(results, "teacher", nfe, metric)
         if stu is None:
             continue
-        text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}{ratios_to_teacher(stu, results)}"
+        text = f"- Student @ {nfe} NFE: {metric} = {stu[metric]:.4g}{ratios_to_teacher(stu, results, metric)}"
         if base is not None:
             text += f" vs best training-free solver at {nfe} NFE ({base['name']}) {base[metric]:.4g}"
         if stu.get("speedup"):
@@ -174,10 +180,8 @@ def machine() -> dict:
 
 def describe_methods() -> str:
     """The table printed by ``fewstep methods``."""
-    from fewstep.methods.base import NEEDS
-
-    rows = [f"{'name':<6} {'family':<12} {'needs':<14} paper"]
-    rows += [f"{m.name:<6} {m.family:<12} {m.needs:<14} {m.paper}" for m in METHODS.values()]
+    rows = [f"{'name':<9} {'family':<12} {'needs':<14} paper"]
+    rows += [f"{m.name:<9} {m.family:<12} {'+'.join(sorted(m.needs)):<14} {m.paper}" for m in METHODS.values()]
     rows += ["", "needs:"] + [f"  {k:<14} {v}" for k, v in NEEDS.items()]
     return "\n".join(rows)
 

@@ -1,9 +1,9 @@
 """The benchmark runner: every method on the same teachers with the same budget, one leaderboard.
 
 For each suite: resolve its teacher and measure the teacher's training-free solvers once (the NFE sweep);
-then, for each method that applies, measure the teacher evaluations it makes per training sample, convert
-the suite's budget into its training steps, distil, and evaluate the student at the suite's NFEs on the same
-noise (and labels) as the sweep.
+then, for each method that applies, take its arguments from its recipe, convert the suite's budget into its
+training steps (:func:`fewstep.pipeline.steps_for_budget`), distil (:func:`fewstep.pipeline.distill`), and
+evaluate the student at the suite's NFEs on the same noise (and labels) as the sweep.
 
 Every finished cell (suite x method) and every sweep is saved under ``out/cells/<suite>/`` together with the
 settings it ran with, and a later run with the same settings reuses it; a failed cell is recorded (status
@@ -18,7 +18,6 @@ ratios, speedups) are recomputed from the saved cells each run, so ``out/`` is n
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import os
@@ -37,37 +36,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fewstep.api import (
-    BEST_TEACHER_NFE,
-    Student,
-    Teacher,
-    build_method,
-    evaluate_models,
-    pair_source_args,
-)
-from fewstep.bench.suites import (
-    SCHEDULE_RULES,
-    TEACHER_FREE_EVALS_PER_SAMPLE,
-    Suite,
-    method_args,
-    steps_for_budget,
-    student_backbone_args,
-)
+from fewstep.bench.suites import TEACHER_FREE_EVALS_PER_SAMPLE, Suite
 from fewstep.cache import atomic_write
+from fewstep.config import TeacherRecipe, build_dataclass, load_recipe
 from fewstep.data import load_dataset
-from fewstep.data.sources import make_source
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
-from fewstep.eval.evaluate import write_json
+from fewstep.eval.evaluate import evaluate_models, write_json
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.methods import METHODS
-from fewstep.methods.base import Batch, DistillationMethod
+from fewstep.methods.base import DistillationMethod
 from fewstep.models.io import one_line
-from fewstep.run import machine
-from fewstep.train.trainer import TrainConfig, train
+from fewstep.pipeline import distill, steps_for_budget
+from fewstep.run import machine, resolve_teacher
+from fewstep.solvers import DEFAULT_TEACHER_NFE
+from fewstep.teachers import Teacher
+from fewstep.train.trainer import TrainConfig
 
-CELL_FORMAT = 1  # bump when a cell's contents change meaning, so old cells are recomputed
-QUALITY_METRICS = ("fd", "swd")
+CELL_FORMAT = 2  # bump when a cell's contents change meaning, so old cells are recomputed
 SCATTER_POINTS = 2000
 DIGIT_GRID = 40  # four rows of the ten classes
 NFE_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
@@ -97,7 +83,7 @@ def run_bench(suites: list[Suite], out: str | Path, methods: dict[str, type[Dist
     bar = tqdm(total=len(suites) * (1 + len(methods)), desc="bench", unit="cell", disable=not progress)
     try:
         for suite in suites:
-            teacher = functools.cache(lambda suite=suite: resolve_teacher(suite, progress))
+            teacher = functools.cache(lambda suite=suite: suite_teacher(suite, progress))
             bar.set_postfix_str(f"{suite.name}: teacher")
             sweep = teacher_sweep(suite, teacher, out / "cells" / suite.name, seed)
             bar.update()
@@ -141,50 +127,65 @@ def _check_suites(suites: list[Suite], methods: dict) -> None:
     for suite in suites:
         if suite.teacher not in ("analytic", "train"):
             raise ConfigError(f"suite {suite.name}: teacher must be 'analytic' or 'train', got {suite.teacher!r}")
-        if suite.quality not in QUALITY_METRICS:
-            raise ConfigError(f"suite {suite.name}: quality must be one of {QUALITY_METRICS}, got {suite.quality!r}")
         if suite.teacher_eval_budget < 1:
             raise ConfigError(f"suite {suite.name}: teacher_eval_budget must be positive")
-        try:
-            teacher_recipe(suite)
-        except TypeError as error:
-            raise ConfigError(f"suite {suite.name}: teacher_args do not fit Teacher.cached: {error}") from None
+        teacher_spec(suite)
+        for name, method_cls in methods.items():
+            cell_args(suite, name, method_cls)  # every recipe a suite reads is valid before anything runs
 
 
-def teacher_recipe(suite: Suite) -> dict:
-    """What identifies the suite's teacher. For a trained one, ``Teacher.cached``'s arguments with its
-    defaults filled in, so that a change of fewstep's default teacher recipe makes the saved cells stale
-    (not ``progress``, nor ``device``: the bench trains on the CPU)."""
-    if suite.teacher == "analytic":
-        return {"analytic": suite.dataset}
-    bound = inspect.signature(Teacher.cached).bind(suite.dataset, **suite.teacher_args)
-    bound.apply_defaults()
-    return _jsonable({k: v for k, v in bound.arguments.items() if k not in ("progress", "device")})
+@functools.cache
+def _dataset(name: str) -> DatasetSpec:
+    return load_dataset(name)
 
 
-def resolve_teacher(suite: Suite, progress: bool = True) -> Teacher:
-    """The suite's teacher with its guidance: the exact mixture, or the cached trained teacher."""
-    if suite.teacher == "analytic":
-        teacher = Teacher.analytic(suite.dataset)
-    else:
-        teacher = Teacher.cached(suite.dataset, progress=progress, **suite.teacher_args)
-    return teacher.with_guidance(suite.guidance_scale, suite.guidance_convention)
+def quality(suite: Suite) -> str:
+    """The metric that ranks a suite's rows: its dataset's (lower is better)."""
+    return _dataset(suite.dataset).metric
+
+
+def teacher_spec(suite: Suite) -> TeacherRecipe:
+    """The suite's teacher as a recipe's ``teacher`` section."""
+    return build_dataclass(TeacherRecipe, {"source": suite.teacher, **suite.teacher_args,
+                                           "guidance_scale": suite.guidance_scale,
+                                           "guidance_convention": suite.guidance_convention},
+                           f"suite {suite.name}: teacher")
+
+
+def suite_teacher(suite: Suite, progress: bool = True) -> Teacher:
+    """The suite's teacher with its guidance: the exact mixture, or the cached trained teacher (seed 0, CPU)."""
+    return resolve_teacher(teacher_spec(suite), suite.dataset, progress=progress)
+
+
+def cell_args(suite: Suite, method: str, method_cls: type[DistillationMethod]) -> tuple[dict, dict]:
+    """``(method_args, student_backbone_args)`` of ``method`` (a ``method_cls``) in ``suite``: its recipe's (see
+    :mod:`fewstep.bench.suites`), without the fields its schedule fits to the cell's steps."""
+    path = suite.recipe_path(method)
+    if not path.is_file():
+        return {}, dict(suite.student_backbone_args)
+    recipe = load_recipe(path)
+    if recipe.method != method or recipe.dataset != suite.dataset:
+        raise ConfigError(f"suite {suite.name}: recipe {path} is for {recipe.method} on {recipe.dataset}, not "
+                          f"{method} on {suite.dataset}")
+    scheduled = method_cls.run_schedule(1, recipe.method_args)
+    args = {key: value for key, value in recipe.method_args.items() if key not in scheduled}
+    return args, {**suite.student_backbone_args, **recipe.student_backbone_args}
 
 
 # --- measuring: teacher sweeps and cells, each saved once -------------------------------------------------
 
 
 def _sweep_key(suite: Suite, seed: int) -> dict:
-    fields = ("dataset", "conditional", "guidance_scale", "guidance_convention", "teacher_nfe", "n_samples")
-    return {"format": CELL_FORMAT, "seed": seed, "teacher": teacher_recipe(suite),
+    fields = ("dataset", "conditional", "teacher_nfe", "n_samples")
+    return {"format": CELL_FORMAT, "seed": seed, "teacher": _jsonable(asdict(teacher_spec(suite))),
             **{k: _jsonable(getattr(suite, k)) for k in fields}}
 
 
-def _cell_key(suite: Suite, method: str, seed: int) -> dict:
+def _cell_key(suite: Suite, method: str, method_cls: type[DistillationMethod], seed: int) -> dict:
     fields = ("teacher_eval_budget", "max_seconds", "nfe", "batch_size", "lr")
-    return {**_sweep_key(suite, seed), "method": method, "method_args": suite.method_args.get(method, {}),
-            **SCHEDULE_RULES.get(method, {}), **{k: _jsonable(getattr(suite, k)) for k in fields},
-            "student_backbone_args": _jsonable(student_backbone_args(suite, method))}
+    method_args, backbone_args = cell_args(suite, method, method_cls)
+    return {**_sweep_key(suite, seed), "method": method, "method_args": _jsonable(method_args),
+            **{k: _jsonable(getattr(suite, k)) for k in fields}, "student_backbone_args": _jsonable(backbone_args)}
 
 
 def _jsonable(value):
@@ -204,7 +205,7 @@ def _load_saved(path: Path, key: dict) -> dict | None:
 
 def _figure_inputs(dataset: DatasetSpec, conditional: bool, seed: int) -> tuple[int, Tensor | None]:
     """How many samples the figures show, and their labels (cycling through the classes when conditional)."""
-    n = DIGIT_GRID if len(dataset.data_shape) > 1 else SCATTER_POINTS
+    n = DIGIT_GRID if dataset.kind == "images" else SCATTER_POINTS
     return n, (torch.arange(n) % dataset.num_classes if conditional else None)
 
 
@@ -225,7 +226,8 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
     report = evaluate_models(model, [], teacher_nfe=tuple(suite.teacher_nfe), n_samples=suite.n_samples,
                              conditional=suite.conditional, seed=seed, progress=False)
     n, label = _figure_inputs(model.dataset, suite.conditional, seed)
-    _save_samples(folder / "teacher_samples.safetensors", {"heun35": model.sample(n, label=label, seed=seed)})
+    _save_samples(folder / "teacher_samples.safetensors",
+                  {f"heun{DEFAULT_TEACHER_NFE}": model.sample(n, label=label, seed=seed)})
     name = model.name if model.is_analytic else f"cached:{Path(model.name).name}"  # not the local cache path
     sweep = {"key": key, "status": "ok", "teacher": name, "teacher_seconds": teacher_seconds,
              "seconds": time.perf_counter() - started, "report": report}
@@ -233,29 +235,8 @@ def teacher_sweep(suite: Suite, teacher: Callable[[], Teacher], folder: Path, se
     return sweep
 
 
-def teacher_evals_per_sample(distiller: DistillationMethod, dataset: DatasetSpec, probe: int = 4,
-                             step: int = 0) -> float:
-    """Teacher evaluations per training sample in trainer step ``step`` (one cycle over the method's phases),
-    counted by running the method's losses on a batch of ``probe`` samples, which should be the training
-    batch size: a method may spend per step rather than per sample (TBCM's rollouts). The method must count
-    ``teacher_evals``."""
-    if not hasattr(distiller, "teacher_evals"):
-        raise ConfigError(f"method {distiller.name!r} does not count its teacher evaluations (a teacher_evals "
-                          "attribute), so it cannot be given the same budget as the others")
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.arange(probe) % dataset.train_x.shape[0]
-    x0 = dataset.train_x[rows]
-    batch = Batch(x0=x0, label=dataset.train_y[rows] if dataset.train_y is not None else None,
-                  noise=torch.randn(x0.shape, generator=generator), endpoint=x0)
-    before = distiller.teacher_evals
-    for phase in distiller.phases():
-        for _ in range(phase.updates):
-            distiller.losses(phase.name, batch, step, generator)
-    return (distiller.teacher_evals - before) / probe
-
-
 def _skip_reason(suite: Suite, method_cls: type[DistillationMethod]) -> str | None:
-    if method_cls.needs == "labels" and not suite.conditional:
+    if "labels" in method_cls.needs and not suite.conditional:
         return f"needs class labels; {suite.name} is unconditional"
     return None
 
@@ -265,7 +246,7 @@ def run_cell(suite: Suite, method_name: str, method_cls: type[DistillationMethod
     """Distil and evaluate one method on one suite (or reuse the saved cell); never raises for a method's
     failure, which is recorded as status ``failed`` with a one-line error."""
     path = folder / f"{method_name}.json"
-    key = _cell_key(suite, method_name, seed)
+    key = _cell_key(suite, method_name, method_cls, seed)
     saved = _load_saved(path, key)
     if saved is not None:
         return saved
@@ -287,36 +268,20 @@ def run_cell(suite: Suite, method_name: str, method_cls: type[DistillationMethod
 
 def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[DistillationMethod], teacher: Teacher,
                           folder: Path, seed: int, progress: bool) -> dict:
-    dataset = teacher.dataset
-    base_args = method_args(suite, method_name, 1)
-    backbone_args = student_backbone_args(suite, method_name)
-    probe = build_method(teacher, method_cls, base_args, backbone_args)
-    per_sample = teacher_evals_per_sample(probe, dataset, suite.batch_size)
-    steps = steps_for_budget(suite.teacher_eval_budget, per_sample or TEACHER_FREE_EVALS_PER_SAMPLE,
-                             suite.batch_size)
-    args = method_args(suite, method_name, steps)
-    # a method may spend more after a warm-up (rCM's DMD term): budget at the dearer of the first and last step
-    late_probe = build_method(teacher, method_cls, args, backbone_args, steps=steps)
-    late = teacher_evals_per_sample(late_probe, dataset, suite.batch_size, step=steps - 1)
-    if late > per_sample:
-        per_sample = late
-        steps = steps_for_budget(suite.teacher_eval_budget, per_sample, suite.batch_size)
-        args = method_args(suite, method_name, steps)
-    with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from the seed alone
-        torch.manual_seed(seed)
-        distiller = build_method(teacher, method_cls, args, backbone_args, steps=steps)
-    source = make_source(distiller.needs, dataset, **pair_source_args(distiller, teacher, None))
+    method_args, backbone_args = cell_args(suite, method_name, method_cls)
+    steps, per_sample = steps_for_budget(teacher, method_cls, suite.teacher_eval_budget, suite.batch_size,
+                                         method_args, backbone_args, TEACHER_FREE_EVALS_PER_SAMPLE)
     config = TrainConfig(steps=steps, batch_size=suite.batch_size, lr=suite.lr, seed=seed,
                          max_seconds=suite.max_seconds)
-    result = train(distiller, source, config, progress=progress)
-    sampling = {nfe: distiller.sampling(nfe) for nfe in suite.nfe}
-    student = Student(result.ema_student, method_name, sampling, dataset, train_result=result)
+    student = distill(teacher, method_cls, method_args=method_args, train_config=config,
+                      student_backbone_args=backbone_args, nfe=tuple(suite.nfe), progress=progress)
+    result = student.train_result
     report = evaluate_models(teacher, [student], tuple(suite.nfe), teacher_nfe=(), teacher_solvers=(),
                              n_samples=suite.n_samples, conditional=suite.conditional, seed=seed, progress=False)
-    n, label = _figure_inputs(dataset, suite.conditional, seed)
+    n, label = _figure_inputs(teacher.dataset, suite.conditional, seed)
     _save_samples(folder / f"{method_name}.safetensors",
                   {f"nfe{nfe}": student.sample(n, nfe, label=label, seed=seed) for nfe in suite.nfe})
-    return {"status": "capped" if result.stopped_early else "ok", "method_args": asdict(distiller.config),
+    return {"status": "capped" if result.stopped_early else "ok", "method_args": student.metadata["method_args"],
             "teacher_evals_per_sample": per_sample, "steps": steps, "steps_done": result.steps_done,
             "train_seconds": result.seconds, "teacher_evals": result.teacher_evals,
             "rows": [row for row in report["results"] if row["role"] == "student"]}
@@ -333,13 +298,14 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 def best_teacher_row(suite: Suite, sweep: dict) -> dict | None:
     """The sweep's best row by the suite's quality metric (fewer NFE on a tie)."""
-    rows = [row for row in sweep["report"]["results"] if math.isfinite(row.get(suite.quality, math.inf))]
-    return min(rows, key=lambda row: (row[suite.quality], row["nfe"])) if rows else None
+    metric = quality(suite)
+    rows = [row for row in sweep["report"]["results"] if math.isfinite(row.get(metric, math.inf))]
+    return min(rows, key=lambda row: (row[metric], row["nfe"])) if rows else None
 
 
 def default_teacher_row(sweep: dict) -> dict | None:
     """The sweep's row of the teacher's default sampler (Heun at 35 NFE), the reference of ``speedup``."""
-    name = f"teacher/heun@{BEST_TEACHER_NFE}"
+    name = f"teacher/heun@{DEFAULT_TEACHER_NFE}"
     return next((row for row in sweep["report"]["results"] if row["name"] == name), None)
 
 
@@ -347,11 +313,12 @@ def _derived(suite: Suite, sweep: dict, row: dict) -> dict:
     """Quality, its ratios to the noise floor and to the teacher's best, the excess NLL and the speedups
     against the teacher's default sampler and against its best-quality row."""
     report, best, default = sweep["report"], best_teacher_row(suite, sweep), default_teacher_row(sweep)
-    quality = row.get(suite.quality)
-    floor = report["noise_floor"].get(suite.quality)
+    metric = quality(suite)
+    value = row.get(metric)
+    floor = report["noise_floor"].get(metric)
     nll, reference_nll = row.get("nll"), report["reference"].get("nll")
-    return {"quality_metric": suite.quality, "quality": quality, "noise_floor": floor,
-            "floor_ratio": _ratio(quality, floor), "teacher_ratio": _ratio(quality, best and best[suite.quality]),
+    return {"quality_metric": metric, "quality": value, "noise_floor": floor,
+            "floor_ratio": _ratio(value, floor), "teacher_ratio": _ratio(value, best and best[metric]),
             "excess_nll": nll - reference_nll if nll is not None and reference_nll is not None else None,
             "speedup": _ratio(default and default["sec_per_sample"], row.get("sec_per_sample")),
             "speedup_vs_best": _ratio(best and best["sec_per_sample"], row.get("sec_per_sample"))}
@@ -387,12 +354,13 @@ def write_plots(measured: list[tuple[Suite, dict, list[dict]]], report: dict, ou
     """Per suite: quality vs NFE and the sample figure; over all suites: quality vs training time."""
     for suite, sweep, cells in measured:
         rows = [row for row in report["cells"] if row["suite"] == suite.name and row["quality"] is not None]
+        metric = quality(suite)
         results = sweep["report"]["results"] + [
             {"name": f"{row['method']}@{row['nfe']}", "role": "student", "sampler": row["sampler"],
-             "nfe": row["nfe"], suite.quality: row["quality"]} for row in rows]
+             "nfe": row["nfe"], metric: row["quality"]} for row in rows]
         quality_vs_nfe({"dataset": suite.name, "model": sweep["teacher"], "results": results},
-                       out / f"{suite.name}_quality_vs_nfe.png", metric=suite.quality,
-                       floor=sweep["report"]["noise_floor"].get(suite.quality))
+                       out / f"{suite.name}_quality_vs_nfe.png", metric=metric,
+                       floor=sweep["report"]["noise_floor"].get(metric))
         _sample_figure(suite, cells, out)
     quality_vs_train_time(measured, report, out / "quality_vs_train_time.png")
 
@@ -404,15 +372,16 @@ def _sample_figure(suite: Suite, cells: list[dict], out: Path) -> None:
         return
     # one row per method, one column per NFE; the teacher alone on the first row
     columns = len(suite.nfe)
-    panels: dict[str, Tensor | None] = {"teacher heun@35": load_file(teacher_file)["heun35"]}
+    teacher_samples = load_file(teacher_file)[f"heun{DEFAULT_TEACHER_NFE}"]
+    panels: dict[str, Tensor | None] = {f"teacher heun@{DEFAULT_TEACHER_NFE}": teacher_samples}
     panels |= {f"blank {i}": None for i in range(1, columns)}
     for cell in cells:
         path = folder / f"{cell['method']}.safetensors"
         if cell["rows"] and path.is_file():
             samples = load_file(path)
             panels |= {f"{cell['method']} @{nfe}": samples.get(f"nfe{nfe}") for nfe in suite.nfe}
-    dataset = load_dataset(suite.dataset)
-    if len(dataset.data_shape) > 1:
+    dataset = _dataset(suite.dataset)
+    if dataset.kind == "images":
         compare_grids(panels, out / f"{suite.name}_samples.png", nrow=dataset.num_classes or 8, columns=columns)
     else:
         scatter_2d(panels, out / f"{suite.name}_samples.png", reference=dataset.ref_x[:SCATTER_POINTS],
@@ -432,15 +401,15 @@ def quality_vs_train_time(measured: list[tuple[Suite, dict, list[dict]]], report
             if row["suite"] == suite.name and row["quality"] is not None:
                 ax.scatter(row["train_seconds"], row["quality"], color=colours[row["method"]],
                            marker=NFE_MARKERS.get(row["nfe"], "x"))
-        best = best_teacher_row(suite, sweep)
+        best, metric = best_teacher_row(suite, sweep), quality(suite)
         if best is not None:
-            ax.axhline(best[suite.quality], ls="--", color="0.3")
-        floor = sweep["report"]["noise_floor"].get(suite.quality)
+            ax.axhline(best[metric], ls="--", color="0.3")
+        floor = sweep["report"]["noise_floor"].get(metric)
         if floor is not None:
             ax.axhline(floor, ls=":", color="0.5")
         ax.set_yscale("log")
         ax.set_xlabel("training seconds")
-        ax.set_ylabel("FD-digits" if suite.quality == "fd" else suite.quality)
+        ax.set_ylabel("FD-digits" if metric == "fd" else metric)
         ax.set_title(suite.name, fontsize=9)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], ls="", marker="o", color=colour, label=name) for name, colour in colours.items()]
@@ -464,14 +433,21 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         f"including earlier resumed runs: {report['compute_seconds']:.0f} s (of which resolving the teachers, "
         f"training or loading them: {teacher_seconds:.0f} s).", "",
         "How to read the tables:", "",
-        "- Every method of a suite gets the same budget of *teacher evaluations* (one denoiser call on one "
-        "sample; a guided call counts once), converted to its training steps from the teacher evaluations it "
-        "makes per training sample and step (measured). `teacher evals` is what the run used: less than the "
-        "budget when the wall-time cap stopped it (status `capped`).",
+        "- Every method of a suite gets the same budget of *teacher evaluations* (one call of the teacher on one "
+        "sample; a guided call counts once; teacher pairs a method trains on are paid from its budget first), "
+        "converted to its training steps from the teacher evaluations it makes per training sample and step "
+        "(measured, at its dearest step). Methods that never call the teacher get the steps of one making "
+        f"{TEACHER_FREE_EVALS_PER_SAMPLE:g} calls per sample. `teacher evals` is what the run used: less than the "
+        "budget when the wall-time cap stopped it (status `capped`), or when a method calls other networks than "
+        "the teacher (its own earlier rounds, fake scores) in later steps.",
+        "- Each method runs with its recipe's arguments (`configs/<suite>-<method>.yaml`, the tables' one source "
+        "of truth; defaults where there is none), its schedule (curricula, stages, rounds, warm-ups) fitted by the "
+        "method to the cell's steps. Learning rate, batch and the student network of an analytic teacher are the "
+        "suite's. Per-method notes are in `docs/`.",
         "- Quality: lower is better (`swd`: sliced Wasserstein distance to held-out data; `fd`: FD-digits). "
         "`x noise floor`: quality over the same metric between two real sample sets of the same size (1 is as "
         "good as measurable). `vs teacher`: quality over the teacher's best quality at any solver and NFE. "
-        f"`speedup`: seconds per sample of the teacher's default sampler (Heun, {BEST_TEACHER_NFE} NFE) over "
+        f"`speedup`: seconds per sample of the teacher's default sampler (Heun, {DEFAULT_TEACHER_NFE} NFE) over "
         "this row's (the JSON also has `speedup_vs_best`, against the teacher's best-quality row).",
         "- Teacher rows: the best training-free solver (euler, heun, dpmpp_2m) at each NFE, on the same noise "
         "and labels as the students.",
@@ -479,13 +455,6 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "that of held-out data (negative when samples crowd the modes' centres, so it cannot rank), `off "
         "support` the share of samples where the density is zero, `modes` covered, `spread` the in-mode spread "
         "over real data's (1 is right).",
-        "- PD is trained down to 4 steps (from 32 in `quick`, 64 in `full`, the steps split evenly over the "
-        "halving rounds); its 1- and 2-NFE rows use that 4-step student on coarser grids, untrained for them. "
-        "CD uses its default settings.",
-        "- sCT, sCD and rCM warm their tangent up over the first 10% of the cell's steps (the recipes' share), "
-        "and rCM's DMD term starts after that, so every cell trains with the full tangent and rCM with its "
-        "regulariser. On digits sCD is sensitive to the learning rate: the tables' shared 2e-4 is twice its "
-        "recipe's 1e-4, and at 2e-4 its 2- and 4-NFE samples degrade (see `configs/digits-scd.yaml`).",
         "- Timings come from a shared CPU and are noisy.", ""]
     for suite, sweep, cells in measured:
         lines += _suite_section(suite, sweep, cells, report)
@@ -494,7 +463,7 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
 
 
 def _suite_section(suite: Suite, sweep: dict, cells: list[dict], report: dict) -> list[str]:
-    metric = suite.quality
+    metric = quality(suite)
     floor = sweep["report"]["noise_floor"].get(metric)
     best = best_teacher_row(suite, sweep)
     steps = ", ".join(f"{cell['method']} {cell['steps']:,} steps" for cell in cells if cell.get("steps"))
@@ -504,7 +473,7 @@ def _suite_section(suite: Suite, sweep: dict, cells: list[dict], report: dict) -
              f"Dataset `{suite.dataset}`, teacher `{sweep['teacher']}`, {cond}; {sweep['report']['n_samples']} "
              f"samples, seed {report['seed']}. Budget {suite.teacher_eval_budget:,} teacher evaluations per "
              f"method ({steps or 'no method trained'}), batch {suite.batch_size}, lr {suite.lr:g}, wall-time cap "
-             f"{suite.max_seconds:.0f} s per method.", ""]
+             f"{'none' if suite.max_seconds is None else f'{suite.max_seconds:.0f} s'} per method.", ""]
     if floor is not None and best is not None:
         lines += [f"Quality `{metric}`; noise floor {floor:.4g}; teacher's best {best['name']} at "
                   f"{best[metric]:.4g}.", ""]
@@ -543,7 +512,7 @@ def _finite(value: float | None) -> float:
 def _extra_columns(suite: Suite, rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
     """Suite-specific diagnostic columns, each shown where it tells rows apart (e.g. not the excess NLL on
     the checkerboard, whose density is flat on its support)."""
-    if suite.quality == "fd":
+    if quality(suite) == "fd":
         columns = [("precision", "precision", _fmt("precision", "{:.3f}")),
                    ("recall", "recall", _fmt("recall", "{:.3f}")),
                    ("class acc", "class_accuracy", _fmt("class_accuracy", "{:.3f}"))]

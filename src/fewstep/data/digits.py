@@ -63,4 +63,4 @@ def digits(seed: int = 0) -> DatasetSpec:
         train_y=labels[train], ref_y=labels[ref], sigma_data=round(float(train_x.std()), 2),
         normalisation={"kind": "affine", "scale": SCALE, "shift": SHIFT, "raw_range": [0.0, RAW_MAX],
                        "formula": "stored = raw / scale + shift; raw = (stored - shift) * scale"},
-        description=DESCRIPTIONS["digits"])
+        description=DESCRIPTIONS["digits"], kind="images", metric="fd")

@@ -1,4 +1,5 @@
-"""``DatasetSpec``: what fewstep knows about a dataset, in one place (samples, splits, exact density)."""
+"""``DatasetSpec``: what fewstep knows about a dataset, in one place (samples, splits, exact density, what kind of
+data it is and how its samples are scored)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from fewstep.models.analytic import GaussianMixture
+
+KINDS = {"points": "vectors such as 2-D points: scatter plots, MLP students",
+         "images": "(C, H, W) images: sample grids, wider MLP students"}
+METRICS = {"swd": "sliced Wasserstein distance to the held-out split",
+           "fd": "FD-digits: Frechet distance in the features of fewstep's digits classifier"}
 
 
 @dataclass
@@ -25,7 +31,10 @@ class DatasetSpec:
 
     ``train_x`` trains teachers and feeds "data" methods; ``ref_x`` is held out and only used to measure
     quality. ``analytic`` is the exact Gaussian-mixture teacher where the data is one; ``log_prob`` the
-    exact data log-density where one exists. ``normalisation`` says how stored values map to raw ones."""
+    exact data log-density where one exists. ``normalisation`` says how stored values map to raw ones.
+    ``kind`` (a key of :data:`KINDS`) says how samples are shown and which student network suits them;
+    ``metric`` (a key of :data:`METRICS`) is the distance that ranks samples (lower is better): evaluation,
+    level tuning and the benchmark read both from here, never from the data's shape."""
 
     name: str
     data_shape: tuple[int, ...]
@@ -40,3 +49,12 @@ class DatasetSpec:
     sigma_data: float = 0.5
     normalisation: dict = field(default_factory=dict)
     description: str = ""
+    kind: str = "points"
+    metric: str = "swd"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"dataset {self.name!r}: kind must be one of {sorted(KINDS)}, got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"dataset {self.name!r}: metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+

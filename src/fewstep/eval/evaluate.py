@@ -1,10 +1,11 @@
 """Evaluate teachers and students side by side: same noise, same labels, same metrics, one report.
 
 :func:`evaluate` draws one seeded batch of noise (and class labels when conditional) and gives it to every
-:class:`Candidate`, so differences between rows come from the samplers alone. Digits (``1x8x8``) are
-measured by :func:`fewstep.eval.digits.digits_metrics` (quality metric ``fd``: FD-digits), every other
-dataset by :func:`fewstep.eval.toy.toy_metrics` (quality metric ``nll``, or ``swd`` without a density).
-Each report carries the noise floor, the values two real sample sets of the same size reach.
+:class:`Candidate`, so differences between rows come from the samplers alone; :func:`evaluate_models` does it
+for a teacher's training-free solvers and distilled students. A dataset whose metric is ``fd`` (digits) is
+measured by :func:`fewstep.eval.digits.digits_metrics`, every other one by :func:`fewstep.eval.toy.toy_metrics`;
+the report's ``quality_metric`` is the dataset's (:attr:`~fewstep.data.spec.DatasetSpec.metric`), a distance
+(lower is better). Each report carries the noise floor, the values two real sample sets of the same size reach.
 
 Report keys that scripts rely on (keep them stable): ``dataset``, ``model``, ``results`` (rows with ``name``,
 ``role``, ``sampler``, ``nfe``, the metric keys, ``sec_per_sample``, ``peak_memory_bytes``, and ``speedup``
@@ -18,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +30,11 @@ from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval import digits, toy
 from fewstep.eval.speed import peak_memory, time_sampler
+from fewstep.solvers import DEFAULT_TEACHER_NFE, ode_endpoint
+
+if TYPE_CHECKING:
+    from fewstep.student import Student
+    from fewstep.teachers import Teacher
 
 ROLES = ("teacher", "student")
 DEFAULT_TOY_SAMPLES = 5000
@@ -65,7 +72,7 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
             carry ``speedup_vs_best``, against the best-quality teacher row, whichever the reference.
     """
     _check_candidates(candidates)
-    is_digits = tuple(dataset.data_shape) == digits.DIGITS_SHAPE
+    is_digits = dataset.metric == "fd"
     n = n_samples if n_samples is not None else (len(dataset.ref_x) if is_digits else DEFAULT_TOY_SAMPLES)
     if n < 2:
         raise ConfigError(f"n_samples must be at least 2, got {n}")
@@ -116,7 +123,7 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
             "peak_memory_bytes": peak_memory(draw_batch, device),
         })
 
-    best = best_teacher(results)
+    best = best_teacher(results, dataset.metric)
     teacher = best
     if speedup_reference is not None:
         named = [row for row in results if row["name"] == speedup_reference and row["role"] == "teacher"]
@@ -145,7 +152,7 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
     return {
         "dataset": dataset.name,
         "model": model,
-        "quality_metric": quality_metric(results),
+        "quality_metric": dataset.metric,
         "n_samples": n,
         "seed": seed,
         "conditional": conditional,
@@ -157,50 +164,88 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
     }
 
 
-DISTANCE_METRICS = ("fd", "swd")  # 0 is a perfect match, so ratios of them compare rows
+def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tuple[int, ...] = (1, 2, 4),
+                    teacher_nfe: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+                    teacher_solvers: tuple[str, ...] = ("euler", "heun", "dpmpp_2m"),
+                    n_samples: int | None = None, conditional: bool | None = None, seed: int = 0,
+                    progress: bool = True, device: str | torch.device | None = None) -> dict:
+    """One report: the teacher under each training-free solver and NFE (and its default sampler, Heun at
+    :data:`~fewstep.solvers.DEFAULT_TEACHER_NFE`), then each student at each NFE, all from the same noise. For an
+    analytic teacher it also reports each row's exact flow-map error.
+
+    ``device`` is where the noise is drawn onto and timed (default: the teacher's); each model samples on
+    its own device, so put the teacher and students where they should be timed."""
+    dataset = teacher.dataset
+    device = teacher.denoiser.device if device is None else torch.device(device)
+    conditional = dataset.num_classes > 0 if conditional is None else conditional
+
+    def teacher_row(solver: str, nfe: int) -> Candidate:
+        return Candidate(f"teacher/{solver}@{nfe}", "teacher", solver, nfe,
+                         lambda noise, label, gen: teacher.sample(0, solver, nfe, label=label, noise=noise))
+
+    candidates = [teacher_row(solver, nfe) for solver in teacher_solvers for nfe in teacher_nfe]
+    candidates.append(teacher_row("heun", DEFAULT_TEACHER_NFE))
+    for student in students:
+        candidates += [Candidate(f"{student.name}@{nfe}", "student", student.sampling[nfe].sampler, nfe,
+                                 lambda noise, label, gen, student=student, nfe=nfe: student.sample(
+                                     0, nfe, label=label, noise=noise, generator=gen))
+                       for nfe in student_nfe if nfe in student.sampling]
+    exact, tolerance = None, None
+    if teacher.is_analytic:
+        def exact(noise: Tensor, label: Tensor | None) -> Tensor:
+            noise, label = noise.to(teacher.denoiser.device), None if label is None else label.to(noise.device)
+            return ode_endpoint(lambda x, s: teacher.guided(x, s, label), noise.double(), steps=256).float()
+
+        probe = torch.randn((256, *dataset.data_shape), dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(seed + 7)).to(teacher.denoiser.device)
+        coarse = ode_endpoint(teacher.guided, probe, steps=256)
+        fine = ode_endpoint(teacher.guided, probe, steps=512)
+        tolerance = float((coarse - fine).flatten(1).norm(dim=1).mean())
+    report = evaluate(dataset, candidates, n_samples=n_samples, seed=seed, exact_endpoint=exact,
+                      conditional=conditional, progress=progress, model=teacher.name,
+                      endpoint_tolerance=tolerance, speedup_reference=f"teacher/heun@{DEFAULT_TEACHER_NFE}",
+                      device=device)
+    for student in students:
+        if student.train_result is not None:
+            report.setdefault("training", {})[student.name] = {
+                "seconds": student.train_result.seconds, "steps": student.train_result.steps_done,
+                "teacher_evals": student.train_result.teacher_evals}
+    return report
 
 
-def quality_metric(results: list[dict]) -> str:
-    """The metric that ranks rows, lower is better: ``fd`` for digits, else ``nll``, else ``swd``."""
-    for key in ("fd", "nll", "swd"):
-        if any(key in row for row in results):
-            return key
-    raise DataError("results carry none of the quality metrics fd, nll, swd")
+def best_teacher(results: list[dict], metric: str) -> dict | None:
+    """The teacher row with the best ``metric`` (fewer NFE on a tie), or None without teacher rows."""
+    return _best([row for row in results if row["role"] == "teacher"], metric)
 
 
-def best_teacher(results: list[dict]) -> dict | None:
-    """The teacher row with the best quality (fewer NFE on a tie), or None without teacher rows."""
-    return _best([row for row in results if row["role"] == "teacher"], results)
-
-
-def finest_teacher(results: list[dict]) -> dict | None:
+def finest_teacher(results: list[dict], metric: str) -> dict | None:
     """The best teacher row at the largest NFE measured: the teacher's ODE as nearly solved as the report has
     it, which an ODE-following student aims at. None without teacher rows."""
     nfes = [row["nfe"] for row in results if row["role"] == "teacher"]
-    return best_at_nfe(results, "teacher", max(nfes)) if nfes else None
+    return best_at_nfe(results, "teacher", max(nfes), metric) if nfes else None
 
 
-def ratios_to_teacher(row: dict, results: list[dict]) -> str:
-    """``" (1.86x the teacher's best, 1.21x its finest solve)"`` for a distance metric (``fd``, ``swd``); the
-    second ratio only when the finest solve is not the best. Empty for the NLL or without teacher rows."""
-    metric = quality_metric(results)
-    best, finest = best_teacher(results), finest_teacher(results)
-    if metric not in DISTANCE_METRICS or best is None:
+def ratios_to_teacher(row: dict, results: list[dict], metric: str) -> str:
+    """``" (1.86x the teacher's best, 1.21x its finest solve)"``: ``row``'s ``metric`` over the teacher's best
+    reading and over its finest solve (the second only when the finest solve is not the best). Empty without
+    teacher rows."""
+    best, finest = best_teacher(results, metric), finest_teacher(results, metric)
+    if best is None:
         return ""
     text = f" ({row[metric] / best[metric]:.2f}x the teacher's best"
     return text + (f", {row[metric] / finest[metric]:.2f}x its finest solve)" if finest is not best else ")")
 
 
-def best_at_nfe(results: list[dict], role: str, nfe: int) -> dict | None:
-    """The best-quality row of ``role`` at exactly ``nfe`` function evaluations, or None if there is none."""
-    return _best([row for row in results if row["role"] == role and row["nfe"] == nfe], results)
+def best_at_nfe(results: list[dict], role: str, nfe: int, metric: str) -> dict | None:
+    """The best-``metric`` row of ``role`` at exactly ``nfe`` function evaluations, or None if there is none."""
+    return _best([row for row in results if row["role"] == role and row["nfe"] == nfe], metric)
 
 
 def format_table(report: dict) -> str:
     """A markdown table of the report: teachers first, then students, then the real-data noise floor."""
     rows = [row for role in ROLES for row in report["results"] if row["role"] == role]
     floor = report["noise_floor"]
-    key = quality_metric(report["results"])
+    key = report["quality_metric"]
     # (header, key in a row or the floor, format); "x floor" columns divide by the floor's value.
     if key == "fd":
         columns = [("FD-digits", "fd", _number), ("x floor", "fd/floor", _ratio), ("precision", "precision", _frac),
@@ -258,13 +303,12 @@ def write_json(report: dict, path: str | Path) -> None:
     atomic_write(path, dump)
 
 
-def _best(rows: list[dict], results: list[dict]) -> dict | None:
+def _best(rows: list[dict], metric: str) -> dict | None:
     if not rows:
         return None
-    key = quality_metric(results)
 
     def rank(row: dict) -> tuple[float, int]:
-        value = row.get(key)
+        value = row.get(metric)
         return (value if value is not None and math.isfinite(value) else math.inf, row["nfe"])
 
     return min(rows, key=rank)

@@ -23,11 +23,10 @@ from tqdm import tqdm
 
 from fewstep.errors import ConfigError, DataError
 from fewstep.eval import digits, toy
-from fewstep.methods.base import Sampling
-from fewstep.solvers import SIGMA_MIN
+from fewstep.solvers import SIGMA_MIN, Sampling
 
 if TYPE_CHECKING:
-    from fewstep.api import Student
+    from fewstep.student import Student
 
 TUNABLE_SAMPLERS = ("consistency",)
 
@@ -86,7 +85,7 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
         raise DataError(f"choosing levels needs the training split of dataset {dataset.name!r}, which this "
                         "student does not carry (it was distilled from an outside teacher)")
     check_tunable(student.sampling[nfe], student.method, nfe)
-    is_digits = tuple(dataset.data_shape) == digits.DIGITS_SHAPE
+    is_digits = dataset.metric == "fd"
     n = n_samples if n_samples is not None else min(len(dataset.train_x), 5000)
     if not 2 <= n <= len(dataset.train_x):
         raise ConfigError(f"n_samples must be in [2, {len(dataset.train_x)}] (the training split), got {n}")
@@ -100,7 +99,6 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
     device = student.denoiser.device
     noise, labels = noise.to(device), labels.to(device) if labels is not None else None
     classifier = digits.feature_extractor(dataset) if is_digits else None
-    metric = "fd" if is_digits else "swd"  # not the NLL: samples crowding the modes' centres would win it
 
     def score(levels: list[float]) -> float:
         trial = dataclasses.replace(student.sampling[nfe], sigmas=levels)
@@ -112,7 +110,7 @@ def training_split_score(student: Student, nfe: int, n_samples: int | None = Non
         return toy.sliced_wasserstein(samples.flatten(1).double(), train_view.ref_x.flatten(1).double(), n,
                                       torch.Generator().manual_seed(seed))
 
-    return metric, score
+    return dataset.metric, score
 
 
 def tune_levels(student: Student, nfes: Iterable[int] = (2, 4), n_samples: int | None = None, seed: int = 101,

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
 from fewstep.models.denoiser import PathDenoiser
 from fewstep.nets.diffusers_backbone import DiffusersBackbone, check_model_class
@@ -111,18 +110,15 @@ def _read_json(path_or_id: str, subfolder: str, filename: str, what: str) -> dic
                           f"{type(error).__name__}); use a local diffusers folder offline") from error
 
 
-def load_diffusers_teacher(path_or_id: str | Path, subfolder: str | None = None, scheduler_subfolder: str = "scheduler",
-                           dataset: DatasetSpec | None = None, encoder_hidden_states: Tensor | None = None,
-                           pooled_projections: Tensor | None = None, data_shape: tuple[int, ...] | None = None,
-                           num_classes: int | None = None, guidance: float | None = None,
-                           torch_dtype: torch.dtype | None = None):
-    """A :class:`fewstep.Teacher` from a diffusers pipeline or model folder (or a hub repository id).
-
-    The network is read from ``subfolder`` (default: ``unet`` or ``transformer``, whichever exists, else
-    the folder itself), the scheduler config from ``scheduler_subfolder``. ``dataset`` supplies training
-    data for data-driven methods; without one the teacher has an empty dataset of the model's shape."""
-    from fewstep.api import Teacher
-
+def load_diffusers_denoiser(path_or_id: str | Path, subfolder: str | None = None,
+                            scheduler_subfolder: str = "scheduler", encoder_hidden_states: Tensor | None = None,
+                            pooled_projections: Tensor | None = None, data_shape: tuple[int, ...] | None = None,
+                            num_classes: int | None = None, guidance: float | None = None,
+                            torch_dtype: torch.dtype | None = None) -> PathDenoiser:
+    """The denoiser of a diffusers pipeline or model folder (or a hub repository id): the network read from
+    ``subfolder`` (default: ``unet`` or ``transformer``, whichever exists, else the folder itself), read by the
+    scheduler config in ``scheduler_subfolder`` (:func:`diffusers_denoiser`). :meth:`fewstep.Teacher.from_diffusers`
+    makes a teacher of it."""
     path_or_id = str(path_or_id)
     local = Path(path_or_id)
     if subfolder is None:
@@ -137,10 +133,5 @@ def load_diffusers_teacher(path_or_id: str | Path, subfolder: str | None = None,
 
     kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
     model = getattr(diffusers, model_class).from_pretrained(path_or_id, subfolder=subfolder or None, **kwargs)
-    denoiser = diffusers_denoiser(model, scheduler_config, data_shape, num_classes, encoder_hidden_states,
-                                  pooled_projections, guidance)
-    if dataset is None:
-        empty = torch.zeros((0, *denoiser.data_shape))
-        dataset = DatasetSpec(f"diffusers:{path_or_id}", denoiser.data_shape, empty, empty, denoiser.num_classes)
-    return Teacher(denoiser, dataset, f"diffusers:{path_or_id}")
-
+    return diffusers_denoiser(model, scheduler_config, data_shape, num_classes, encoder_hidden_states,
+                              pooled_projections, guidance)

@@ -1,80 +1,71 @@
 """The method protocol: what every distillation method gives the trainer, the evaluator and the exporter.
 
-A method is a small ``nn.Module`` that owns its networks (the student, and any target network, fake
-score or discriminator) and knows nothing of devices, processes or files. It declares:
+A method is a small ``nn.Module`` that owns its networks (the student, and any target network, fake score or
+discriminator) and knows nothing of devices, processes or files. It declares:
 
-* ``name``, ``family``, ``paper``, ``needs`` (which training signal it consumes, see :data:`NEEDS`);
-* ``Config``: a dataclass of its hyper-parameters (validated by the CLI: unknown keys and wrong types
-  are refused);
-* :meth:`phases`: the parameter groups it updates and how many consecutive updates each gets per cycle
-  (e.g. DMD2's fake score 5x, then the generator 1x);
-* :meth:`losses`: a dict of scalar tensors for one phase on one batch; ``"loss"`` is minimised, the rest
-  are logged;
-* :meth:`after_update`: bookkeeping after an optimizer step (EMA targets, stage changes); returns True
-  when the optimizer state must be reset (a new stage, e.g. a progressive-distillation round);
-* :meth:`sampling`: how its student samples at a given NFE, as data (sampler name and noise levels), so
-  an exported student is self-describing;
-* ``fsdp_refusal``: None, or why it cannot train with sharded weights (``train.distributed=fsdp`` then
-  stops with that reason). Sharding needs every network called through its ``forward``.
+* ``name``, ``family``, ``paper`` and ``needs``: the set of training-signal kinds it consumes
+  (:data:`fewstep.data.batch.NEEDS`). One kind gives :meth:`losses` a :class:`~fewstep.data.batch.Batch`;
+  several give a :class:`~fewstep.data.batch.CompositeBatch` with one batch per kind;
+* ``Config``: a dataclass of its hyper-parameters (unknown keys and wrong types are refused);
+* :meth:`run_schedule`: the config fields that depend on the run's length (a curriculum's span, stage or round
+  lengths, warm-ups), fitted to a run of a given number of steps; every entry point applies it to the fields
+  the caller leaves out;
+* :meth:`phases`: the parameter groups it updates, each with its own optimiser settings
+  (:class:`Phase`: updates per cycle, learning-rate scale, betas, weight decay, gradient clip);
+* :meth:`losses`: a dict of scalar tensors for one phase on one batch; ``"loss"`` is minimised, the rest are
+  logged. A loss that carries no gradient (a phase with nothing to learn at this step) makes the phase idle:
+  the trainer skips its update and logs it;
+* :meth:`after_update`: bookkeeping after an optimizer step (EMA targets, stage changes); returns True when
+  the phase's optimizer state must be reset (a new stage, e.g. a progressive-distillation round);
+* :meth:`sampling`: how its student samples at a given NFE, as data (sampler name and levels), so an exported
+  student is self-describing;
+* :meth:`pair_request`: for a method that needs ``teacher_pairs``, which pairs (how many, from which solver at
+  how many evaluations);
+* ``fsdp_refusal``: None, or why it cannot train with sharded weights (``train.distributed=fsdp`` then stops
+  with that reason). Sharding needs every network called through its ``forward``.
+
+The teacher reaches a method wrapped in a :class:`~fewstep.models.denoiser.CountingDenoiser`, which counts
+every evaluation (``teacher_evals``); methods never count by hand.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.models.denoiser import Denoiser, EDMDenoiser
-
-NEEDS = {
-    "data": "real training samples x0 (with labels when conditional)",
-    "teacher_pairs": "(noise, teacher ODE endpoint) pairs, generated once and cached",
-    "noise": "nothing but Gaussian noise: data-free",
-    "labels": "class labels only (data-free, conditional)",
-}
-
-
-@dataclass
-class Batch:
-    """One training batch. Which fields are set depends on the method's ``needs``."""
-
-    x0: Tensor | None = None
-    label: Tensor | None = None
-    noise: Tensor | None = None
-    endpoint: Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        for value in (self.x0, self.noise, self.endpoint, self.label):
-            if value is not None:
-                return value.shape[0]
-        raise ValueError("empty batch")
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(None if v is None else v.to(device) for v in (self.x0, self.label, self.noise,
-                                                                       self.endpoint)))
+from fewstep.data.batch import Batch, CompositeBatch
+from fewstep.models.denoiser import CountingDenoiser, Denoiser, EDMDenoiser, innermost
+from fewstep.solvers import DEFAULT_TEACHER_NFE, Sampling
 
 
 @dataclass
 class Phase:
-    """A parameter group with its own optimizer: ``updates`` consecutive steps per cycle."""
+    """A parameter group with its own optimizer: ``updates`` consecutive steps per cycle, at ``lr_scale`` times
+    the run's learning rate. ``betas``, ``weight_decay`` and ``grad_clip`` override the run's (``train.*``)
+    when set (e.g. a fake score with betas (0, 0.999))."""
 
     name: str
     parameters: list[nn.Parameter]
     updates: int = 1
     lr_scale: float = 1.0
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
 
 
 @dataclass
-class Sampling:
-    """How a student draws samples at one NFE: a sampler of :mod:`fewstep.solvers` and its levels."""
+class PairRequest:
+    """The teacher pairs a method trains on: ``num_pairs`` (noise, endpoint) pairs of the teacher's ODE solved
+    with ``solver`` at ``nfe`` evaluations (:func:`fewstep.solvers.solve`)."""
 
-    sampler: str
-    sigmas: list[float] = field(default_factory=list)
+    num_pairs: int = 20000
+    solver: str = "heun"
+    nfe: int = DEFAULT_TEACHER_NFE
 
 
 @dataclass
@@ -88,15 +79,22 @@ class DistillationMethod(nn.Module):
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    needs: ClassVar[str] = "data"
+    needs: ClassVar[frozenset[str]] = frozenset({"data"})
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     fsdp_refusal: ClassVar[str | None] = None  # why the method cannot train with sharded weights, if it cannot
 
     def __init__(self, teacher: Denoiser, student: Denoiser, config: MethodConfig):
         super().__init__()
+        teacher = teacher if isinstance(teacher, CountingDenoiser) else CountingDenoiser(teacher)
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
         self.config = config
+
+    @classmethod
+    def run_schedule(cls, steps: int, args: dict) -> dict:
+        """The config fields that depend on the run's length, for a run of ``steps`` steps (``args``: the other
+        arguments, on which a schedule may depend). None by default."""
+        return {}
 
     @classmethod
     def build_student(cls, teacher: Denoiser, config: MethodConfig, new_backbone: Callable[[], nn.Module],
@@ -105,10 +103,16 @@ class DistillationMethod(nn.Module):
         ``new_backbone()``, EDM-preconditioned. Methods with another parametrisation override this."""
         return EDMDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data)
 
+    @property
+    def teacher_evals(self) -> int:
+        """Teacher evaluations (one per sample a call denoises) this method object has spent."""
+        return self.teacher.evals
+
     def phases(self) -> list[Phase]:
         return [Phase("student", list(self.student.parameters()))]
 
-    def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def losses(self, phase: str, batch: Batch | CompositeBatch, step: int,
+               generator: torch.Generator) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def after_update(self, phase: str, step: int) -> bool:
@@ -116,6 +120,10 @@ class DistillationMethod(nn.Module):
 
     def sampling(self, nfe: int) -> Sampling:
         raise NotImplementedError
+
+    def pair_request(self) -> PairRequest:
+        """The pairs a ``teacher_pairs`` source generates for this method."""
+        return PairRequest()
 
     def student_denoiser(self) -> Denoiser:
         """The network that generates (for methods whose student is not ``self.student``, override)."""
@@ -128,8 +136,7 @@ class DistillationMethod(nn.Module):
 
 
 def teacher_backbone_copy(teacher: Denoiser) -> nn.Module | None:
-    """A trainable deep copy of the teacher's backbone (looking through a guidance wrapper), or None when the
-    teacher is not a network (an analytic teacher)."""
-    inner = getattr(teacher, "denoiser", teacher)
-    backbone = getattr(inner, "backbone", None)
+    """A trainable deep copy of the teacher's backbone (looking through counting and guidance wrappers), or None
+    when the teacher is not a network (an analytic teacher)."""
+    backbone = getattr(innermost(teacher), "backbone", None)
     return None if backbone is None else copy.deepcopy(backbone).requires_grad_(True)

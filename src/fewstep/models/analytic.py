@@ -90,11 +90,12 @@ class GaussianMixture(Denoiser):
         log_pdf = -0.5 * ((y**2 / var).sum(-1) + torch.log(var).sum(-1) + y.shape[-1] * math.log(2 * math.pi))
         return torch.softmax(log_w + log_pdf, dim=-1)
 
-    def forward(self, x: Tensor, s: Tensor, label: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The exact denoiser; ``cond`` holds class labels (or None)."""
         s = as_sigma(s, x).to(torch.float64)
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         y, var = self._project(flat, s)
-        resp = self._responsibilities(y, var, self._log_weights_for(label, x.shape[0]))
+        resp = self._responsibilities(y, var, self._log_weights_for(cond, x.shape[0]))
         shrunk = y * (self.eigvals[None] / var)
         post_mean = self.means[None] + torch.einsum("bke,kde->bkd", shrunk, self.eigvecs)
         x0 = (resp[..., None] * post_mean).sum(1)

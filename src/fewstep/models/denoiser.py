@@ -14,15 +14,21 @@ Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a 
 * :class:`PathDenoiser`: a network trained on another path with another prediction (eps on VP, velocity
   on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``;
 * :class:`FixedExtraDenoiser`: one of these with its extra scalar inputs held fixed.
+
+Wrappers (:class:`DenoiserWrapper`) answer through another denoiser: :class:`CountingDenoiser` counts the
+evaluations a method spends, :class:`~fewstep.guidance.GuidedDenoiser` applies classifier-free guidance.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.conditions import Condition
 from fewstep.paths import (
     NoisePath,
     bcast,
@@ -33,19 +39,19 @@ from fewstep.paths import (
 
 
 class Denoiser(nn.Module):
-    """Base class: ``forward(x, s, label=None) -> x0`` with ``x = x0 + s * eps`` and ``s`` of shape ``(B,)``.
+    """Base class: ``forward(x, s, cond=None) -> x0`` with ``x = x0 + s * eps`` and ``s`` of shape ``(B,)``.
 
     Networks also take ``extra``, a ``(B, k)`` tensor of further scalar inputs passed to the backbone (a
     second time for two-time maps, a guidance scale), for students built with ``extra_conditions = k``.
 
-    ``data_shape`` is the shape of one sample; ``num_classes`` is 0 for unconditional models. Class labels
-    are integers in ``[0, num_classes)``; the index ``num_classes`` means "no label" (classifier-free
-    guidance's null condition)."""
+    ``data_shape`` is the shape of one sample; ``num_classes`` is 0 for models without class labels. ``cond`` is
+    a condition of :mod:`fewstep.conditions` (class labels, with the index ``num_classes`` as classifier-free
+    guidance's null condition; text-encoder output; or None), passed to the network unchanged."""
 
     data_shape: tuple[int, ...] = ()
     num_classes: int = 0
 
-    def forward(self, x: Tensor, s: Tensor, label: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, cond: Condition | None = None) -> Tensor:
         raise NotImplementedError
 
     @property
@@ -55,6 +61,50 @@ class Denoiser(nn.Module):
         return torch.device("cpu") if tensor is None else tensor.device
 
 
+class DenoiserWrapper(Denoiser):
+    """A denoiser that answers through another one (``self.denoiser``): guidance, counting."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+        self.data_shape, self.num_classes = denoiser.data_shape, denoiser.num_classes
+
+
+def innermost(denoiser: Denoiser) -> Denoiser:
+    """The denoiser inside every :class:`DenoiserWrapper` around it."""
+    while isinstance(denoiser, DenoiserWrapper):
+        denoiser = denoiser.denoiser
+    return denoiser
+
+
+class CountingDenoiser(DenoiserWrapper):
+    """A denoiser that counts its evaluations: a call on ``B`` samples adds ``B`` to ``evals`` and 1 to ``calls``,
+    whatever it costs inside (a guided call, which runs the network on ``2B`` samples, is one evaluation of the
+    guided teacher). Every method sees its teacher through one, so no method counts by hand."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__(denoiser)
+        self.evals, self.calls = 0, 0
+
+    def forward(self, x: Tensor, s: Tensor, cond: Condition | None = None, **options) -> Tensor:
+        self.evals += x.shape[0]
+        self.calls += 1
+        return self.denoiser(x, s, cond, **options)
+
+
+def fingerprint(denoiser: nn.Module) -> str:
+    """A hash that identifies what ``denoiser`` computes: its weights and buffers, and the configuration of every
+    module in it that has one (``config()`` of preconditioners and wrappers, ``hparams`` of backbones)."""
+    digest = hashlib.sha256()
+    for module in denoiser.modules():
+        config = module.config() if callable(getattr(module, "config", None)) else getattr(module, "hparams", None)
+        digest.update(f"{type(module).__name__}:{json.dumps(config, sort_keys=True, default=str)};".encode())
+    for name, tensor in denoiser.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def as_sigma(s: Tensor | float, x: Tensor) -> Tensor:
     """A per-sample noise level of shape ``(B,)`` in the dtype and device of ``x``."""
     s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
@@ -62,25 +112,25 @@ def as_sigma(s: Tensor | float, x: Tensor) -> Tensor:
 
 
 def x0_on_path(
-    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, label: Tensor | None = None
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, cond: Condition | None = None
 ) -> Tensor:
     """The denoiser's clean-sample prediction read on ``path`` at time ``t``."""
     t = as_sigma(t, x_t)
-    return denoiser(x_t / bcast(path.alpha(t), x_t), path.ve_sigma(t), label)
+    return denoiser(x_t / bcast(path.alpha(t), x_t), path.ve_sigma(t), cond)
 
 
 def velocity_on_path(
-    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, label: Tensor | None = None
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, path: NoisePath, cond: Condition | None = None
 ) -> Tensor:
     """The probability-flow ODE velocity ``dx_t/dt`` on ``path`` implied by the denoiser."""
     t = as_sigma(t, x_t)
-    x0 = x0_on_path(denoiser, x_t, t, path, label)
+    x0 = x0_on_path(denoiser, x_t, t, path, cond)
     eps = (x_t - bcast(path.alpha(t), x_t) * x0) / bcast(path.sigma(t), x_t)
     return bcast(path.d_alpha(t), x_t) * x0 + bcast(path.d_sigma(t), x_t) * eps
 
 
 class EDMDenoiser(Denoiser):
-    """EDM preconditioning (Karras et al. 2022) around a backbone ``F(x, c_noise, label, extra)``."""
+    """EDM preconditioning (Karras et al. 2022) around a backbone ``F(x, c_noise, cond, extra)``."""
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
         super().__init__()
@@ -92,10 +142,10 @@ class EDMDenoiser(Denoiser):
     def coefficients(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return edm_coefficients(s, self.sigma_data)
 
-    def forward(self, x, s, label=None, extra=None):
+    def forward(self, x, s, cond=None, extra=None):
         s = as_sigma(s, x)
         c_skip, c_out, c_in = (bcast(c, x) for c in self.coefficients(s))
-        out = self.backbone(c_in * x, 0.25 * torch.log(s), label, extra)
+        out = self.backbone(c_in * x, 0.25 * torch.log(s), cond, extra)
         return c_skip * x + c_out * out.to(x.dtype)
 
     def config(self) -> dict:
@@ -131,7 +181,7 @@ class TwoTimeDenoiser(EDMDenoiser):
 
     ``g`` is EDM-preconditioned at ``s`` with ``s_next`` fed to the backbone's single extra condition as
     ``log(max(s_next, zero_level)) / 4`` (like ``c_noise``): the target time 0 is read as ``zero_level``,
-    below every positive level a sampler uses. ``s_next=None`` means 0, so ``denoiser(x, s, label)`` is the
+    below every positive level a sampler uses. ``s_next=None`` means 0, so ``denoiser(x, s, cond)`` is the
     one-jump map to clean data. A backbone whose extra condition is still zero (a fresh
     :func:`~fewstep.nets.add_extra_conditions`) gives ``g(x, s, s_next) = `` the EDM denoiser for every
     ``s_next``, so a flow map built on a teacher's copy starts as the teacher's DDIM jump."""
@@ -143,18 +193,18 @@ class TwoTimeDenoiser(EDMDenoiser):
                              "time): build it with extra_conditions=1 or fewstep.nets.add_extra_conditions")
         self.zero_level = zero_level
 
-    def forward(self, x, s, label=None, s_next=None):
+    def forward(self, x, s, cond=None, s_next=None):
         s = as_sigma(s, x)
         s_next = torch.zeros_like(s) if s_next is None else as_sigma(s_next, x)
         target = 0.25 * torch.log(s_next.clamp(min=self.zero_level))
-        return super().forward(x, s, label, target[:, None])
+        return super().forward(x, s, cond, target[:, None])
 
     def config(self) -> dict:
         return {"kind": "two_time", "sigma_data": self.sigma_data, "zero_level": self.zero_level}
 
 
 class PathDenoiser(Denoiser):
-    """A backbone trained on ``path`` that outputs ``prediction`` given ``(x_t, t * time_scale, label)``."""
+    """A backbone trained on ``path`` that outputs ``prediction`` given ``(x_t, t * time_scale, cond)``."""
 
     def __init__(self, backbone: nn.Module, path: NoisePath, prediction: str, time_scale: float = 1.0,
                  sigma_data: float = 0.5):
@@ -164,11 +214,11 @@ class PathDenoiser(Denoiser):
         self.data_shape = tuple(backbone.data_shape)
         self.num_classes = int(backbone.num_classes)
 
-    def forward(self, x, s, label=None, extra=None):
+    def forward(self, x, s, cond=None, extra=None):
         s = as_sigma(s, x)
         t = self.path.t_from_ve_sigma(s)
         x_t = x * bcast(self.path.alpha(t), x)
-        out = self.backbone(x_t, t * self.time_scale, label, extra).to(x.dtype)
+        out = self.backbone(x_t, t * self.time_scale, cond, extra).to(x.dtype)
         return x0_eps_from_prediction(out, self.prediction, x_t, t, self.path, self.sigma_data)[0]
 
     def config(self) -> dict:
@@ -178,7 +228,7 @@ class PathDenoiser(Denoiser):
 
 class FixedExtraDenoiser(Denoiser):
     """A network denoiser with its ``extra`` scalar conditions held fixed, so that it answers the plain
-    ``(x, s, label)`` call (e.g. a guidance-conditioned LCM student at its sampling guidance scale)."""
+    ``(x, s, cond)`` call (e.g. a guidance-conditioned LCM student at its sampling guidance scale)."""
 
     def __init__(self, denoiser: EDMDenoiser | PathDenoiser, extra: list[float]):
         super().__init__()
@@ -189,9 +239,9 @@ class FixedExtraDenoiser(Denoiser):
     def backbone(self) -> nn.Module:
         return self.denoiser.backbone
 
-    def forward(self, x, s, label=None):
+    def forward(self, x, s, cond=None):
         extra = torch.tensor(self.extra, dtype=x.dtype, device=x.device).expand(x.shape[0], -1)
-        return self.denoiser(x, s, label, extra)
+        return self.denoiser(x, s, cond, extra)
 
     def config(self) -> dict:
         return {"kind": "fixed_extra", "extra": self.extra, "denoiser": self.denoiser.config()}

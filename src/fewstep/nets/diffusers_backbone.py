@@ -1,9 +1,10 @@
-"""A diffusers model (UNet or transformer) as a fewstep backbone ``F(x, t_model, label=None, extra=None)``.
+"""A diffusers model (UNet or transformer) as a fewstep backbone ``F(x, t_model, cond=None, extra=None)``.
 
 ``t_model`` is passed to the model as its ``timestep`` unchanged: the preconditioner around the backbone
 (:class:`~fewstep.models.denoiser.PathDenoiser` for a teacher) scales time to the model's convention. Text
-conditioning is a fixed tensor of precomputed ``encoder_hidden_states`` (and ``pooled_projections`` for
-SD3 / FLUX) held as buffers, so no text encoder is needed. Each model family's call:
+conditioning comes with each batch as a :class:`~fewstep.conditions.TextCondition` (per-token embeddings, mask,
+pooled vector); without one, the backbone uses a fixed tensor of precomputed ``encoder_hidden_states`` (and
+``pooled_projections`` for SD3 / FLUX) held as buffers, so no text encoder is needed. Each model family's call:
 
 * ``UNet2DModel``: ``model(x, t, class_labels=label)``;
 * ``UNet2DConditionModel``: ``model(x, t, encoder_hidden_states)``;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fewstep.conditions import Condition, TextCondition
 from fewstep.errors import ConfigError, DataError
 
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
@@ -81,52 +83,66 @@ class DiffusersBackbone(nn.Module):
                                 f"got {tuple(value.shape)}")
             current.copy_(value)
 
-    def _per_sample(self, condition: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-        return condition.to(dtype).expand(batch, *condition.shape[1:])
+    def _text(self, cond: TextCondition | None, batch: int, dtype: torch.dtype) -> TextCondition:
+        """The batch's text condition, else the stored prompt embeddings repeated for the batch."""
+        if cond is not None:
+            return cond.to(dtype=dtype) if cond.mask is None else TextCondition(
+                cond.embeddings.to(dtype), cond.mask, None if cond.pooled is None else cond.pooled.to(dtype))
+        if self.encoder_hidden_states is None:
+            raise DataError(f"this {self.model_class} needs text: give the batch a TextCondition or build the "
+                            "backbone with encoder_hidden_states")
+        pooled = None if self.pooled_projections is None else self.pooled_projections.to(dtype).expand(
+            batch, *self.pooled_projections.shape[1:])
+        return TextCondition(self.encoder_hidden_states.to(dtype).expand(batch, *self.encoder_hidden_states.shape[1:]),
+                             None, pooled)
 
-    def forward(self, x: Tensor, t_model: Tensor, label: Tensor | None = None, extra: Tensor | None = None):
+    def forward(self, x: Tensor, t_model: Tensor, cond: Condition | None = None, extra: Tensor | None = None):
+        """``cond``: class labels for the labelled models, a :class:`~fewstep.conditions.TextCondition` (or None
+        for the stored prompt) for the text models."""
         if extra is not None:
             raise DataError("diffusers backbones take no extra scalar conditions; use a method without them")
         batch, dtype = x.shape[0], self.model.dtype
         t = torch.as_tensor(t_model, device=x.device).to(dtype).expand(batch)
         h = x.to(dtype)
         kind = self.model_class
+        text = cond if isinstance(cond, TextCondition) else None
+        label = cond if isinstance(cond, Tensor) else None
         if kind in LABELLED and self.num_classes > 0 and label is None:
             label = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
         if kind == "UNet2DModel":
             out = self.model(h, t, class_labels=label if self.num_classes else None, return_dict=False)[0]
         elif kind == "UNet2DConditionModel":
-            out = self.model(h, t, encoder_hidden_states=self._per_sample(self.encoder_hidden_states, batch, dtype),
+            text = self._text(text, batch, dtype)
+            out = self.model(h, t, encoder_hidden_states=text.embeddings, encoder_attention_mask=text.mask,
                              return_dict=False)[0]
         elif kind in ("DiTTransformer2DModel", "Transformer2DModel"):
-            kwargs = {} if self.encoder_hidden_states is None else {
-                "encoder_hidden_states": self._per_sample(self.encoder_hidden_states, batch, dtype)}
+            kwargs = {} if text is None and self.encoder_hidden_states is None else {
+                "encoder_hidden_states": self._text(text, batch, dtype).embeddings}
             out = self.model(h, timestep=t, class_labels=label, return_dict=False, **kwargs)[0]
         elif kind == "SD3Transformer2DModel":
-            out = self.model(h, encoder_hidden_states=self._per_sample(self.encoder_hidden_states, batch, dtype),
-                             pooled_projections=self._per_sample(self.pooled_projections, batch, dtype),
+            text = self._text(text, batch, dtype)
+            out = self.model(h, encoder_hidden_states=text.embeddings, pooled_projections=text.pooled,
                              timestep=t, return_dict=False)[0]
         elif kind == "SanaTransformer2DModel":
-            out = self.model(h, encoder_hidden_states=self._per_sample(self.encoder_hidden_states, batch, dtype),
+            text = self._text(text, batch, dtype)
+            out = self.model(h, encoder_hidden_states=text.embeddings, encoder_attention_mask=text.mask,
                              timestep=t, return_dict=False)[0]
         else:
-            out = self._flux(h, t, batch, dtype)
+            out = self._flux(h, t, self._text(text, batch, dtype), dtype)
         return out[:, : x.shape[1]]
 
-    def _flux(self, h: Tensor, t: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    def _flux(self, h: Tensor, t: Tensor, text: TextCondition, dtype: torch.dtype) -> Tensor:
         """FLUX works on 2x2 patches ``(B, H/2 * W/2, 4 C)`` with 3-component position ids."""
-        c, height, width = h.shape[1:]
+        batch, c, height, width = h.shape
         packed = h.view(batch, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
         packed = packed.reshape(batch, (height // 2) * (width // 2), c * 4)
         img_ids = torch.zeros(height // 2, width // 2, 3, device=h.device, dtype=dtype)
         img_ids[..., 1] += torch.arange(height // 2, device=h.device, dtype=dtype)[:, None]
         img_ids[..., 2] += torch.arange(width // 2, device=h.device, dtype=dtype)[None, :]
-        text = self._per_sample(self.encoder_hidden_states, batch, dtype)
-        txt_ids = torch.zeros(text.shape[1], 3, device=h.device, dtype=dtype)
+        txt_ids = torch.zeros(text.embeddings.shape[1], 3, device=h.device, dtype=dtype)
         guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=h.device,
                                                                   dtype=dtype)
-        out = self.model(packed, encoder_hidden_states=text,
-                         pooled_projections=self._per_sample(self.pooled_projections, batch, dtype),
+        out = self.model(packed, encoder_hidden_states=text.embeddings, pooled_projections=text.pooled,
                          timestep=t, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids, guidance=guidance,
                          return_dict=False)[0]
         out = out.view(batch, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)

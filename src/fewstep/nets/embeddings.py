@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fewstep.errors import DataError
+
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of a scalar time input followed by a two-layer MLP.
@@ -57,6 +59,9 @@ def condition_embedding(backbone: nn.Module, c_noise: Tensor, label: Tensor | No
                         batch: int) -> Tensor:
     """``silu(time + class + extra scalars)``: the embedding a backbone modulates its blocks with. ``extra`` has
     shape ``(batch, len(backbone.extra_embeddings))`` (a second time for two-time maps, a guidance scale, ...)."""
+    if label is not None and not isinstance(label, Tensor):
+        raise DataError(f"{type(backbone).__name__} is conditioned on class labels, not on a "
+                        f"{type(label).__name__}: use a backbone that reads text (a diffusers one)")
     emb = backbone.time_embedding(c_noise)
     if backbone.label_embedding is not None:
         emb = emb + backbone.label_embedding(label, batch, c_noise.device)

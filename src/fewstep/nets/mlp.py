@@ -31,7 +31,7 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``F(x, c_noise, label)`` for samples of any shape, flattened internally."""
+    """``F(x, c_noise, cond)`` (``cond``: class labels or None) for samples of any shape, flattened internally."""
 
     def __init__(self, data_shape: tuple[int, ...], width: int = 256, depth: int = 4, emb_dim: int = 128,
                  num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0,
@@ -49,8 +49,8 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
         self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
-        emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+        emb = condition_embedding(self, c_noise, cond, extra, x.shape[0])
         h = self.input(x.reshape(x.shape[0], -1).to(self.input.weight.dtype))
         for block in self.blocks:
             h = block(h, emb)

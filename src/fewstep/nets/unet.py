@@ -36,7 +36,8 @@ class ConvBlock(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """``F(x, c_noise, label)`` for images ``(C, H, W)`` with even ``H, W``: one down/up level, skip concat."""
+    """``F(x, c_noise, cond)`` (``cond``: class labels or None) for images ``(C, H, W)`` with even ``H, W``: one
+    down/up level, skip concat."""
 
     def __init__(self, data_shape: tuple[int, int, int], channels: int = 64, emb_dim: int = 128,
                  num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0,
@@ -60,8 +61,8 @@ class SmallUNet(nn.Module):
         self.up1 = ConvBlock(c2 + c, c, emb_dim, dropout)
         self.output = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, data_shape[0], 3, padding=1))
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
-        emb = condition_embedding(self, c_noise, label, extra, x.shape[0])
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+        emb = condition_embedding(self, c_noise, cond, extra, x.shape[0])
         h = self.down1(self.input(x.to(self.input.weight.dtype)), emb)
         m = self.mid2(self.mid1(self.downsample(h), emb), emb)
         u = self.up1(torch.cat([self.upsample(m), h], dim=1), emb)

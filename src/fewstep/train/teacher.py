@@ -22,9 +22,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from fewstep.data.batch import Batch
 from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError, DataError
-from fewstep.methods.base import Batch, Phase
+from fewstep.methods.base import Phase
+from fewstep.methods.losses import edm_weight
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.models.io import one_line
 from fewstep.nets import build_backbone
@@ -59,7 +61,9 @@ class TeacherTraining(nn.Module):
     """The trainer's method protocol for training ``denoiser`` from data (no teacher): one phase."""
 
     name: ClassVar[str] = "teacher_training"
-    needs: ClassVar[str] = "data"
+    needs: ClassVar[frozenset[str]] = frozenset({"data"})
+    fsdp_refusal: ClassVar[str | None] = None
+    teacher_evals: ClassVar[int] = 0  # it learns from data alone
 
     def __init__(self, denoiser: EDMDenoiser, config: TeacherConfig):
         super().__init__()
@@ -74,10 +78,10 @@ class TeacherTraining(nn.Module):
         s = torch.exp(c.p_mean + c.p_std * torch.randn(x0.shape[0], generator=generator, device=x0.device,
                                                        dtype=x0.dtype))
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x0_pred = self.denoiser(x0 + bcast(s, x0) * eps, s, self._dropped_labels(batch.label, generator))
-        weight = (s**2 + c.sigma_data**2) / (s * c.sigma_data) ** 2
+        x0_pred = self.denoiser(x0 + bcast(s, x0) * eps, s, self._dropped_labels(batch.cond, generator))
         squared_error = (x0_pred - x0) ** 2
-        return {"loss": (bcast(weight, x0) * squared_error).mean(), "mse": squared_error.mean().detach()}
+        return {"loss": (bcast(edm_weight(s, c.sigma_data), x0) * squared_error).mean(),
+                "mse": squared_error.mean().detach()}
 
     def _dropped_labels(self, label: Tensor | None, generator: torch.Generator) -> Tensor | None:
         """Labels with each replaced by the null index ``num_classes`` with probability ``p_uncond``."""

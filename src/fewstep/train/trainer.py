@@ -1,17 +1,25 @@
 """The training loop: one loop for every distillation method, and for teacher training.
 
 A *method* is a :class:`fewstep.methods.base.DistillationMethod` or any ``nn.Module`` with the same
-protocol (``phases``, ``losses``, ``after_update``, ``student_denoiser``; e.g.
-:class:`fewstep.train.teacher.TeacherTraining`). The loop knows nothing of its insides::
+protocol (:class:`Trainable`; e.g. :class:`fewstep.train.teacher.TeacherTraining`). The loop knows nothing of its
+insides::
 
     for step in range(start, config.steps):            # one step = one cycle over the phases
         for phase in method.phases():                  # in order, each with its own AdamW
             repeat phase.updates times:
                 batch  = source.batch(config.batch_size, data_generator)
                 losses = method.losses(phase.name, batch, step, noise_generator)
-                zero all grads; backward(losses["loss"]); clip; optimizer[phase].step()
-                if method.after_update(phase.name, step): reset optimizer[phase]
+                if losses["loss"] has no gradient: the phase is idle this update (logged, nothing stepped)
+                else: zero all grads; backward(losses["loss"]); clip; optimizer[phase].step()
+                      if method.after_update(phase.name, step): reset optimizer[phase]
         EMA of method.student_denoiser()
+        every monitor.every steps: log monitor(step, student)   (e.g. modes covered, recall), at once
+
+Each phase's optimizer is AdamW with the run's settings (``TrainConfig``), overridden by the phase's own
+(:class:`~fewstep.methods.base.Phase`: learning-rate scale, betas, weight decay, gradient clip).
+Teacher evaluations are the method's own count (``method.teacher_evals``, which a counting wrapper keeps) plus
+what the source's signal cost to make (``source.teacher_evals``: teacher pairs); the count is checkpointed, so a
+resumed run reports the whole run's.
 
 ``config.steps`` therefore counts cycles: a method with phases "fake_score" x5 and "generator" x1 makes six
 optimizer updates per step. ``step`` (the value methods see) is the 0-based cycle index; a checkpoint at
@@ -65,8 +73,9 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -107,6 +116,31 @@ from fewstep.train.sharding import (
 MIXED = ("no", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
 LR_SCHEDULES = ("constant", "cosine")
+IDLE = "idle"  # logged per phase: the share of its updates in the window that were idle (no gradient)
+
+
+class Trainable(Protocol):
+    """What the loop needs of a method (see :mod:`fewstep.methods.base` for the full protocol)."""
+
+    fsdp_refusal: str | None
+    teacher_evals: int
+
+    def phases(self) -> list[Phase]: ...
+
+    def losses(self, phase: str, batch, step: int, generator: torch.Generator) -> dict[str, Tensor]: ...
+
+    def after_update(self, phase: str, step: int) -> bool: ...
+
+    def student_denoiser(self) -> Denoiser: ...
+
+
+class Monitor(Protocol):
+    """A check run every ``every`` steps on the student being trained (e.g.
+    :class:`fewstep.train.monitor.SampleMonitor`); it returns numbers to log."""
+
+    every: int
+
+    def __call__(self, step: int, student: Denoiser) -> dict[str, float]: ...
 
 
 @dataclass
@@ -189,23 +223,25 @@ class TrainResult:
     losses: dict[str, float]
     ema_student: Denoiser
     stopped_early: bool
-    teacher_evals: int | None
+    teacher_evals: int
     checkpoint: Path | None
 
 
-def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = True, progress: bool = True) -> TrainResult:
-    """Train ``method`` on batches from ``source`` (anything with ``batch(batch_size, generator) -> Batch``).
+def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True, monitors: tuple[Monitor, ...] = ()) -> TrainResult:
+    """Train ``method`` on batches from ``source`` (anything with ``batch(batch_size, generator)`` and
+    ``teacher_evals``; see :mod:`fewstep.data.sources`).
 
-    With ``run_dir``: checkpoints (``checkpoint/``), ``log.csv``, ``memory.json`` and, when tensorboard is
-    installed, ``tensorboard/``; with ``resume`` an existing checkpoint is continued (also under another
-    process count). A non-finite loss or weight raises :class:`TrainingDiverged` without checkpointing the
-    bad state. In a multi-process run every process calls this with the same arguments."""
+    With ``run_dir``: checkpoints (``checkpoint/``), ``log.csv`` (losses per phase; the numbers of ``monitors``, run
+    on the live student every ``monitor.every`` steps, as phase ``monitor``, ``monitor1``, ...), ``memory.json``
+    and, when tensorboard is installed, ``tensorboard/``; with ``resume`` an existing checkpoint is continued (also
+    under another process count). A non-finite loss or weight raises :class:`TrainingDiverged` without
+    checkpointing the bad state. In a multi-process run every process calls this with the same arguments."""
     accelerator = accelerator_for(config.device)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     run_dir = None if run_dir is None else Path(run_dir)
-    if config.distributed == "fsdp" and getattr(method, "fsdp_refusal", None):
+    if config.distributed == "fsdp" and method.fsdp_refusal:
         raise ConfigError(f"train.distributed=fsdp: {type(method).__name__} cannot be sharded: "
                           f"{method.fsdp_refusal}; use train.distributed=ddp")
     if config.batch_size % (world * config.grad_accumulation):
@@ -230,11 +266,13 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
         raise ValueError(f"{type(method).__name__}.phases() must have distinct names")
     optimizers = {name: _optimizer(phase, config) for name, phase in phases.items()}  # lr is set every step
 
-    start, seconds_before, last_good = 0, 0.0, None
+    start, seconds_before, evals_before, last_good = 0, 0.0, 0, None
     if run_dir is not None and resume and checkpoint_folder(run_dir) is not None:
         checkpoint = load_checkpoint(run_dir)
-        seconds_before = _restore(checkpoint, method, source, ema, optimizers, generators, config, rank, world)
+        seconds_before, evals_before = _restore(checkpoint, method, source, ema, optimizers, generators, config,
+                                                rank, world)
         start, last_good = checkpoint.step, (checkpoint.step, checkpoint.folder)
+    evals_at_start = method.teacher_evals
 
     log = CSVLog(run_dir / "log.csv", keep_until_step=start) if run_dir is not None and main else None
     writer = _tensorboard_writer(run_dir) if run_dir is not None and main else None
@@ -248,8 +286,14 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
     def seconds() -> float:
         return seconds_before + time.perf_counter() - started
 
+    def teacher_evals() -> int:
+        """The method's teacher evaluations over the whole run, all processes (a collective)."""
+        spent = method.teacher_evals - evals_at_start
+        return evals_before + (total(int(spent), device) if world > 1 else int(spent))
+
     def flush_window() -> None:
-        rows = [{"step": done, "phase": name, **{k: sum(v) / len(v) for k, v in values.items()},
+        rows = [{"step": done, "phase": name, **{k: sum(v) / len(v) for k, v in values.items()
+                                                 if k != IDLE or any(v)},  # "idle" only where a phase idled
                  "seconds": round(seconds(), 3)} for name, values in window.items()]
         last_losses.clear()
         for row in rows:
@@ -262,9 +306,17 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                 writer.add_scalar(tag, value, done)
         window.clear()
 
+    def record(phase: str, values: dict[str, float]) -> None:
+        """Log a monitor's numbers at once, at the step they were measured (rank 0 writes)."""
+        if log is not None:
+            log.append([{"step": done, "phase": phase, **values, "seconds": round(seconds(), 3)}])
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(f"{phase}/{key}", value, done)
+
     def save() -> tuple[int, Path]:
-        return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(), device,
-                           main)
+        return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(),
+                           teacher_evals(), device, main)
 
     try:
         for step in range(start, config.steps):
@@ -275,9 +327,11 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                     losses = _update(method, phases[name], optimizers[name], source, step, generators, config,
                                      accelerator, last_good)
                     reshard(sharded_networks)
+                    idle = losses.pop(IDLE)
                     for key, value in losses.items():
                         window.setdefault(name, {}).setdefault(key, []).append(value)
-                    if method.after_update(name, step):
+                    window.setdefault(name, {}).setdefault(IDLE, []).append(float(idle))
+                    if not idle and method.after_update(name, step):
                         phases[name] = {phase.name: phase for phase in method.phases()}[name]
                         optimizers[name] = _optimizer(phases[name], config, lr_factor(step, config))
             ema.update(student, warmup_decay(config.ema_decay, step))
@@ -285,6 +339,9 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
                 _report_memory(method, phases, optimizers, device, run_dir, progress)
             done = step + 1
             bar.update(1)
+            for index, monitor in enumerate(monitors):
+                if done % monitor.every == 0:
+                    record(f"monitor{index or ''}", _watch(monitor, done, student, method))
             if done % config.log_every == 0:
                 flush_window()
             out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
@@ -308,13 +365,20 @@ def train(method: nn.Module, source, config: TrainConfig, run_dir: str | Path | 
     method.zero_grad(set_to_none=True)
     ema_student = copy.deepcopy(whole_student)
     ema_student.load_state_dict(full_state(ema.state_dict()))
-    teacher_evals = getattr(method, "teacher_evals", None)
-    if teacher_evals is not None and world > 1:
-        teacher_evals = total(int(teacher_evals), device)
     return TrainResult(
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
-        stopped_early=stopped_early, teacher_evals=None if teacher_evals is None else int(teacher_evals),
+        stopped_early=stopped_early, teacher_evals=teacher_evals() + int(source.teacher_evals),
         checkpoint=None if last_good is None else last_good[1])
+
+
+def _watch(monitor: Monitor, step: int, student: Denoiser, method: nn.Module) -> dict[str, float]:
+    """One monitor's numbers on the student at ``step``, measured in eval mode without gradients."""
+    student.eval()
+    try:
+        with torch.no_grad():
+            return {key: float(value) for key, value in monitor(step, student).items()}
+    finally:
+        method.train()
 
 
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -340,35 +404,34 @@ def accelerator_for(device: str) -> Accelerator:
 
 
 def _optimizer(phase: Phase, config: TrainConfig, factor: float = 1.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(phase.parameters, lr=config.lr * phase.lr_scale * factor, betas=config.betas,
-                             weight_decay=config.weight_decay)
+    """AdamW for ``phase``: the run's settings, overridden by the phase's own where it sets them."""
+    betas = config.betas if phase.betas is None else phase.betas
+    weight_decay = config.weight_decay if phase.weight_decay is None else phase.weight_decay
+    return torch.optim.AdamW(phase.parameters, lr=config.lr * phase.lr_scale * factor, betas=betas,
+                             weight_decay=weight_decay)
 
 
-def _shard(batch, start: int, stop: int):
-    """Rows ``start:stop`` of every field of a batch (a dataclass of tensors or None)."""
-    return type(batch)(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[start:stop]
-                          for f in fields(batch)})
-
-
-def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, source, step: int,
+def _update(method: Trainable, phase: Phase, optimizer: torch.optim.Optimizer, source, step: int,
             generators: dict[str, torch.Generator], config: TrainConfig, accelerator: Accelerator,
             last_good: tuple[int, Path] | None) -> dict[str, float]:
     """One optimizer update of ``phase`` on one global batch; returns its losses (means over the global batch)
-    as floats. Gradients of every parameter are cleared first, so a phase never steps with gradients another
+    as floats, and under :data:`IDLE` whether the phase was idle: its loss carried no gradient, so nothing was
+    stepped. Gradients of every parameter are cleared first, so a phase never steps with gradients another
     phase's loss left behind."""
     batch = source.batch(config.batch_size, generators["data"])
     world, k = accelerator.num_processes, config.grad_accumulation
     size = config.batch_size // (world * k)
     first = accelerator.process_index * k
     method.zero_grad(set_to_none=True)
-    sums = None
+    sums, idle = None, False
     for micro in range(first, first + k):
-        part = _shard(batch, micro * size, (micro + 1) * size).to(accelerator.device)
+        part = batch.rows(micro * size, (micro + 1) * size).to(accelerator.device)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
             losses = method.losses(phase.name, part, step, generators["noise"])
         values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
         sums = values if sums is None else sums + values
-        if math.isfinite(float(values.sum())):
+        idle = not losses["loss"].requires_grad
+        if math.isfinite(float(values.sum())) and not idle:
             accelerator.backward(losses["loss"] / k if k > 1 else losses["loss"])
     means = sums / k
     if world > 1:
@@ -378,10 +441,13 @@ def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, s
         if not math.isfinite(value):
             raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': loss '{key}' is "
                                    f"{value}; {_last_good(last_good)}")
+    if idle:
+        return {**values, IDLE: True}
     if world > 1:  # sharded parameters had theirs averaged by FSDP's reduce-scatter
         average_gradients([p for p in phase.parameters if not isinstance(p, DTensor)])
-    if config.grad_clip > 0:
-        accelerator.clip_grad_norm_(phase.parameters, config.grad_clip)
+    grad_clip = config.grad_clip if phase.grad_clip is None else phase.grad_clip
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(phase.parameters, grad_clip)
     optimizer.step()
     finite = torch.stack([local(p).isfinite().all() for p in phase.parameters]).all()
     if world > 1 and config.distributed == "fsdp":  # each process checked its own shards
@@ -389,7 +455,7 @@ def _update(method: nn.Module, phase: Phase, optimizer: torch.optim.Optimizer, s
     if not finite:
         raise TrainingDiverged(f"training diverged at step {step}, phase '{phase.name}': its weights became "
                                f"non-finite (loss {values['loss']:.4g}); {_last_good(last_good)}")
-    return values
+    return {**values, IDLE: False}
 
 
 def _report_memory(method: nn.Module, phases: dict[str, Phase], optimizers: dict[str, torch.optim.Optimizer],
@@ -419,10 +485,11 @@ def _process_rng(generators: dict[str, torch.Generator], device: torch.device) -
 
 def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
           optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-          config: TrainConfig, seconds: float, device: torch.device, main: bool) -> Path:
+          config: TrainConfig, seconds: float, teacher_evals: int, device: torch.device, main: bool) -> Path:
     """Checkpoint tensors as ``method.*``, ``ema.*`` and ``source.*``; non-tensor entries of the method's and
-    the source's state go to ``state.json`` and must be JSON-serialisable. Every process takes part (their
-    generator states are gathered); rank 0 writes."""
+    the source's state go to ``state.json`` and must be JSON-serialisable, with the training seconds and the
+    method's teacher evaluations so far. Every process takes part (their generator states are gathered); rank 0
+    writes."""
     process_rng = _process_rng(generators, device)
     ranks = gather(process_rng) if torch.distributed.is_initialized() else [process_rng]
     method_state, ema_state = full_state(method.state_dict()), full_state(ema.state_dict())  # every process
@@ -436,7 +503,8 @@ def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
     tensors |= {f"ema.{k}": v for k, v in ema_state.items()}
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
     rng = {"data": encode_rng_state(generators["data"].get_state()), "ranks": ranks}
-    state = {"method": type(method).__name__, "seconds": seconds, "rng": rng, "config": asdict(config),
+    state = {"method": type(method).__name__, "seconds": seconds, "teacher_evals": teacher_evals, "rng": rng,
+             "config": asdict(config),
              "num_processes": len(ranks), "method_extra": method_extra, "source_extra": source_extra}
     return save_checkpoint(run_dir, step, tensors, optimizer_states, state)
 
@@ -449,8 +517,9 @@ def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
 
 def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
              optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-             config: TrainConfig, rank: int, world: int) -> float:
-    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds.
+             config: TrainConfig, rank: int, world: int) -> tuple[float, int]:
+    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds and the
+    method's teacher evaluations up to it.
     A checkpoint from another process count restores everything but this process's own generators, which are
     re-seeded from ``(seed, rank, step)``."""
     folder, state = checkpoint.folder, checkpoint.state
@@ -483,7 +552,7 @@ def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
         else:
             generators["noise"].manual_seed(_rank_seed(config.seed + 1, rank, checkpoint.step))
             torch.manual_seed(_rank_seed(config.seed, rank, checkpoint.step))
-        return float(state["seconds"])
+        return float(state["seconds"]), int(state.get("teacher_evals", 0))
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{folder} cannot be restored: {type(error).__name__}: {one_line(error)}") from error
 
