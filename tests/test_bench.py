@@ -227,10 +227,12 @@ def test_the_bench_reads_every_methods_arguments_from_its_recipes():
 
 
 def test_the_bench_names_no_method():
-    """What a method needs lives in its recipe and its class: no registered name appears in bench/ as a string."""
+    """What a method needs lives in its recipe and its class: no registered name appears in bench/, in code or
+    prose, in any case (``CD``, ``sCD``, ...)."""
     for path in (SRC / "bench").glob("*.py"):
-        strings = set(re.findall(r"[\"']([a-z_]+)[\"']", path.read_text()))
-        assert not strings & set(METHODS), (path.name, strings & set(METHODS))
+        text = path.read_text()
+        named = [name for name in METHODS if re.search(rf"\b{name}\b", text, re.IGNORECASE)]
+        assert not named, (path.name, named)
 
 
 def test_a_recipe_for_another_method_or_dataset_is_refused_before_anything_runs(tmp_path):
@@ -305,3 +307,14 @@ def test_diagnostic_columns_only_where_they_tell_rows_apart():
     rows = [{"excess_nll": 0.0, "off_support": 0.1, "modes_covered": None},
             {"excess_nll": 4e-16, "off_support": 0.3, "modes_covered": None}]
     assert [title for title, _ in _extra_columns(SUITES["quick"][0], rows)] == ["off support"]
+
+
+def test_mixture_tables_show_each_methods_per_mode_weight_error(bench_run):
+    """The ring's rows carry the total variation of the mode weights and the worst mode's gap, and the table shows
+    them where they differ."""
+    out, report = bench_run
+    rows = [row for row in report["cells"] if row["status"] == "ok"] + report["teachers"]["ring8"]
+    assert all(0 <= row["mode_balance"] <= 1 and 0 <= row["mode_weight_worst"] <= row["mode_balance"] + 1e-12
+               for row in rows if row.get("mode_balance") is not None)
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "| mode weights TV | worst mode weight |" in text

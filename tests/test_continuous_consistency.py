@@ -339,7 +339,7 @@ def test_scd_with_an_annealed_rate_has_a_lower_one_step_flow_map_error_than_cd_a
 @pytest.mark.xfail(strict=True, reason="issue 3's bar at a short budget: over seeds 0-2 sCD's one-step flow-map error "
                    "at 3000 steps is 0.079 / 0.106 / 0.088 against CD's 0.076 / 0.075 / 0.080 (with both rates "
                    "annealed, 0.089 / 0.096 / 0.101 against 0.085 / 0.085 / 0.077); at 48,000 steps sCD is lower "
-                   "(the slow test below; README, where we differ)")
+                   "(the slow test below; docs/consistency.md, where we differ)")
 def test_scd_one_step_flow_map_error_is_below_discrete_cds_at_equal_steps():
     scd_errors = one_step_errors(SCD, SCD_RING_CONFIG, RING_STEPS, low_frequency_mlp)
     cd_errors = one_step_errors(ConsistencyDistillation, CDConfig(), RING_STEPS, small_mlp)
@@ -354,7 +354,7 @@ def cd_fixed_point_error(config: CDConfig) -> float:
 
 
 def test_cds_target_carries_the_heun_grids_discretisation_error():
-    """CD's fixed point on its default 18-level grid is 0.021 from the exact flow map (README); halving every
+    """CD's fixed point on its default 18-level grid is 0.021 from the exact flow map (docs/consistency.md); halving every
     interval cuts that about fourfold (Heun is second order), so the floor is the grid's, not the teacher's."""
     floor, finer = cd_fixed_point_error(CDConfig()), cd_fixed_point_error(CDConfig(num_scales=35))
     assert 0.015 < floor < 0.03, floor

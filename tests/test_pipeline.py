@@ -4,6 +4,7 @@ settings, idle phases, composite sources and teacher pairs charged to a method's
 import csv
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from fewstep.teachers import Teacher
 from fewstep.train.trainer import TrainConfig, _optimizer, _update, accelerator_for, train
 
 SMALL = {"width": 16, "depth": 1}
+ROOT = Path(__file__).parent.parent
 
 
 def class_conditional_teacher(scale: float) -> Teacher:
@@ -255,3 +257,19 @@ def test_a_resumed_run_reports_the_whole_runs_teacher_evaluations(tmp_path):
     resumed = distill(teacher, "cd", train_config=config, student_backbone_args=SMALL, run_dir=tmp_path,
                       progress=False)
     assert resumed.train_result.teacher_evals == whole.train_result.teacher_evals == 6 * 8 * 2
+
+
+def test_a_recipe_monitors_its_student_while_it_trains(tmp_path):
+    from fewstep.config import load_recipe
+    from fewstep.run import run_recipe
+
+    recipe = load_recipe(ROOT / "configs" / "ring8-cd.yaml",
+                         ["train.steps=4", "train.log_every=2", "eval.monitor_every=2", "eval.monitor_samples=50",
+                          "eval.n_samples=200", "eval.teacher_nfe=[1]", "eval.student_nfe=[1]", f"out={tmp_path}"])
+    run_recipe(recipe, progress=False)
+    with open(tmp_path / "run" / "log.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["phase"] == "monitor"]
+    assert [row["step"] for row in rows] == ["2", "4"]
+    assert all(0 <= int(float(row["modes_covered"])) <= 8 and 0 <= float(row["recall"]) <= 1 for row in rows)
+    with pytest.raises(ConfigError, match="monitor"):
+        run_recipe(dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, monitor_every=-1)))

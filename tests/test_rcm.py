@@ -168,7 +168,7 @@ def test_rcm_on_the_exact_ring_passes_the_bar_at_two_steps():
                                                                             jvp="finite_difference"), steps=3000)
     ok, m = passes_issue_bar(draw(method, student, 2))
     assert ok, m
-    assert flow_map_error(draw(method, student, 1)) < 0.498  # sCD's in the recipe run (README)
+    assert flow_map_error(draw(method, student, 1)) < 0.498  # sCD's in the recipe run (docs/consistency.md)
 
 
 def paper_balance_dmd_weight(method: ScoreRegularizedConsistency, batch: Batch, seed: int) -> float:
@@ -195,7 +195,7 @@ def paper_balance_dmd_weight(method: ScoreRegularizedConsistency, batch: Batch, 
 
 @pytest.mark.slow
 def test_the_papers_balance_is_about_a_tenth_of_the_default_dmd_weight_on_the_ring():
-    """The docstring's and README's figure: after 3000 steps the paper's balance is ``dmd_weight`` ~0.10 here
+    """The figure in docs/consistency.md: after 3000 steps the paper's balance is ``dmd_weight`` ~0.10 here
     (0.086-0.103 over five batches of 4096, measured), a tenth of the default 1.0."""
     config = RCMConfig(p_mean=-0.5, p_std=1.6, tangent_warmup=300, jvp="finite_difference")
     method, _ = distil_on_ring(ScoreRegularizedConsistency, config, 3000, backbone=low_frequency_mlp,

@@ -42,7 +42,10 @@ class TeacherRecipe:
 class EvalRecipe:
     """What to measure: the student at ``student_nfe``, the teacher's solvers at ``teacher_nfe``. With
     ``tune_levels`` a consistency student's intermediate levels are first chosen on the training split
-    (:func:`fewstep.eval.levels.tune_levels`)."""
+    (:func:`fewstep.eval.levels.tune_levels`). With ``monitor_every`` > 0 the student is also measured while it
+    trains, every that many steps, at its smallest ``student_nfe`` on ``monitor_samples`` samples
+    (:class:`fewstep.train.monitor.SampleMonitor`: modes covered, mode weights and recall, logged to
+    ``run/log.csv``)."""
 
     student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
@@ -51,6 +54,8 @@ class EvalRecipe:
     conditional: bool = False
     seed: int = 0
     tune_levels: bool = False
+    monitor_every: int = 0
+    monitor_samples: int = 500
 
 
 def _demo_train_config() -> TrainConfig:

@@ -35,6 +35,7 @@ from fewstep.pipeline import distill, method_args_for, method_class, new_method
 from fewstep.solvers import DEFAULT_TEACHER_NFE, TEACHER_SOLVERS
 from fewstep.student import Student
 from fewstep.teachers import Teacher
+from fewstep.train.monitor import MIN_SAMPLES, SampleMonitor
 from fewstep.train.trainer import accelerator_for
 
 
@@ -62,6 +63,9 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError(f"eval.teacher_solvers: unknown solver {unknown[0]!r}; choose from {TEACHER_SOLVERS}")
     if any(n < 1 for n in recipe.eval.student_nfe + recipe.eval.teacher_nfe):
         raise ConfigError("eval.student_nfe and eval.teacher_nfe must be positive integers")
+    if recipe.eval.monitor_every < 0 or recipe.eval.monitor_samples < MIN_SAMPLES:
+        raise ConfigError(f"eval.monitor_every must be >= 0 (0: no monitor) and eval.monitor_samples >= "
+                          f"{MIN_SAMPLES}")
 
 
 def resolve_teacher(spec: TeacherRecipe, dataset: str, seed: int = 0, device: str = "cpu",
@@ -94,8 +98,11 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     level_nfes = [nfe for nfe in recipe.eval.student_nfe if nfe > 1] if recipe.eval.tune_levels else []
     for nfe in level_nfes:
         check_tunable(method.sampling(nfe), recipe.method, nfe, "eval.tune_levels")
+    monitors = (SampleMonitor(teacher.dataset, method.sampling(min(recipe.eval.student_nfe)),
+                              recipe.eval.monitor_every, recipe.eval.monitor_samples, recipe.eval.seed),
+                ) if recipe.eval.monitor_every else ()
     student = distill(teacher, method, train_config=recipe.train, run_dir=out / "run",
-                      nfe=tuple(recipe.eval.student_nfe), progress=progress)
+                      nfe=tuple(recipe.eval.student_nfe), progress=progress, monitors=monitors)
     if not process.is_main_process:  # rank 0 evaluates and writes the files
         return {}
     ev = recipe.eval

@@ -454,7 +454,8 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         "- 2-D extras, where they tell rows apart: `excess NLL` is the samples' NLL under the true density minus "
         "that of held-out data (negative when samples crowd the modes' centres, so it cannot rank), `off "
         "support` the share of samples where the density is zero, `modes` covered, `spread` the in-mode spread "
-        "over real data's (1 is right).",
+        "over real data's (1 is right), `mode weights TV` the total variation between the share of in-mode "
+        "samples each mode gets and its weight, `worst mode weight` the largest such gap of one mode.",
         "- Timings come from a shared CPU and are noisy.", ""]
     for suite, sweep, cells in measured:
         lines += _suite_section(suite, sweep, cells, report)
@@ -521,7 +522,9 @@ def _extra_columns(suite: Suite, rows: list[dict]) -> list[tuple[str, Callable[[
                    ("off support", "off_support", _fmt("off_support", "{:.3f}")),
                    ("modes", "modes_covered", lambda r: f"{r['modes_covered']}/{r['modes_total']}"
                     if r.get("modes_covered") is not None else "–"),
-                   ("spread", "spread_ratio", _fmt("spread_ratio", "{:.2f}"))]
+                   ("spread", "spread_ratio", _fmt("spread_ratio", "{:.2f}")),
+                   ("mode weights TV", "mode_balance", _fmt("mode_balance", "{:.3f}")),
+                   ("worst mode weight", "mode_weight_worst", _fmt("mode_weight_worst", "{:.3f}"))]
     return [(title, show) for title, key, show in columns if _varies([row.get(key) for row in rows])]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUITE_NAMES = ("quick", "full")
-TEACHER_FREE_EVALS_PER_SAMPLE = 2.0  # as many steps and batches as CD, which makes two calls per sample
+TEACHER_FREE_EVALS_PER_SAMPLE = 2.0  # the steps of a method making one two-evaluation ODE step per sample
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -30,21 +30,17 @@ student starts as an exact copy of an EDM teacher; the ``cos t sin t`` factor of
 near both ends, so the tangent's time term is ``sigma_d / 4 dF/dc_noise``, bounded by how fast the time features
 change. The paper's other fix, no large Fourier scales, is a backbone option: the ring recipes' students (sCT,
 sCD, rCM) have time features at most 20 radians per unit of ``c_noise`` (``time_frequencies: [0.1, 20]``; the
-default reaches 100). On the exact ring that cuts sCD's one-step flow-map error at 3000 steps from 0.50 to about
-0.1-0.17 and the online student stops swinging at high noise; sCT's falls from 0.42 to 0.19 (README).
-The normalisation constant ``c`` (the paper's 0.1) matters relative to ``||g||``: on image-sized tangents, and on
-digits (``||g||`` about 6), ``c = 0.1`` normalises fully, but on the 2-D ring ``||g||`` is about 0.3, so it damps
-every update; the ``ring8-scd`` recipe uses ``c = 0.01`` (flow-map error 0.16 -> 0.08; with ``c = 1``, 0.35).
+default reaches 100). The normalisation constant ``c`` (the paper's 0.1) matters relative to ``||g||``: image-sized
+tangents are normalised fully by it, but a 2-D tangent is small, so it damps every update; the ``ring8-scd``
+recipe uses ``c = 0.01``. What both choices do on the ring and on digits is in ``docs/consistency.md``.
 No prior weighting ``1/(sigma_d tan t)`` (FastGen's option) and no adaptive double normalisation or QK-norm
 (our backbones are small MLPs / UNets). Multistep levels are a fixed rule: the second level at TrigFlow time
 ``sampling_t_mid`` (the paper's 1.1) and further ones evenly spaced below it; :func:`fewstep.tune_levels`
 (``eval.tune_levels`` in a recipe) replaces them by levels chosen on the training split, which the
 ``digits-scd`` recipe does.
-Against discrete CD on the exact ring, sCD's one-step flow-map error trails at short budgets and is lower once
-both are trained long (48,000 steps, rates annealed): CD's target is the teacher's Heun map on its grid, which is
-itself 0.021 from the exact map, and sCD's target is the exact map (README).
-The JVP is forward mode with a finite-difference fallback (``jvp = "auto"``, :mod:`fewstep.jvp`); on a CPU
-``"finite_difference"`` is about three times cheaper for the small MLPs and is what the recipes use.
+sCD's target is the exact map, where discrete CD's is the teacher's Heun map on its grid (``docs/consistency.md``
+compares the two on the exact ring). The JVP is forward mode with a finite-difference fallback (``jvp = "auto"``,
+:mod:`fewstep.jvp`); the recipes use ``"finite_difference"``, which is cheaper on a CPU for small MLPs.
 """
 
 from __future__ import annotations

@@ -20,10 +20,7 @@ EDM's denoising loss (:mod:`fewstep.train.teacher`). Sampling is multistep consi
 
 Defaults follow the reference code (``P_mean = -1.1``, ``P_std = 2``, ``q = 2``, ``k = 8``, ``b = 1``,
 ``c = 0``) except the weighting: ``1 / (t - r)`` is FastGen's consistency-model default and iCT's
-``1 / (s_{i+1} - s_i)`` in continuous form. On digits (levels chosen on the training split) it gives FD
-9.24 / 5.90 / 4.56 at 1 / 2 / 4 NFE after 2000 steps and 6.77 / 5.24 / 3.83 after 4000, where the reference
-code's weighting stays at 6.5 at 2 NFE; it helps on the exact ring too, and is worse on the bench's
-checkerboard and imbalanced grid at 1-2 NFE.
+``1 / (s_{i+1} - s_i)`` in continuous form (the two weightings compared: ``docs/consistency.md``).
 The reference code's stage index ``j`` is our ``stage - 1`` (its first tuning stage already has
 ``dt = t n(t) / q``), so ``start_stage = 1`` starts tuning from a pretrained model and ``start_stage = 0``
 first pretrains a fresh network with the denoising loss for ``steps_per_stage`` steps.

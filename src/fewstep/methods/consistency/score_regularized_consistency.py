@@ -30,10 +30,8 @@ paper's loss scale of 100 on the sCM term is replaced by one ``dmd_weight`` on t
 adaptive log-variance weighting (the paper drops it for rCM); the fake score's optimiser is the trainer's
 AdamW at ``fake_lr_scale`` times the learning rate (the paper: betas (0, 0.999), weight decay 0.01).
 The adaptive weight multiplies the sCD gradient by ``e^{-u}``, which grows as the sCD residual shrinks, so no
-fixed ``dmd_weight`` is the paper's balance at every step and dimension. On the exact ring (D = 2) gradient
-norms put the paper's balance (100 times the plain sCM loss plus the DMD loss) at ``dmd_weight`` 0.10 after
-3000 steps and 0.20 after 12,000, so the default 1.0 weights DMD five to ten times more than the paper would
-there (README).
+fixed ``dmd_weight`` is the paper's balance at every step and dimension (where the paper's balance lies on the
+ring, measured from gradient norms: ``docs/consistency.md``).
 """
 
 from __future__ import annotations
