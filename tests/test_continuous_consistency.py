@@ -354,8 +354,9 @@ def cd_fixed_point_error(config: CDConfig) -> float:
 
 
 def test_cds_target_carries_the_heun_grids_discretisation_error():
-    """CD's fixed point on its default 18-level grid is 0.021 from the exact flow map (docs/consistency.md); halving every
-    interval cuts that about fourfold (Heun is second order), so the floor is the grid's, not the teacher's."""
+    """CD's fixed point on its default 18-level grid is 0.021 from the exact flow map (docs/consistency.md);
+    halving every interval cuts that about fourfold (Heun is second order), so the floor is the grid's, not the
+    teacher's."""
     floor, finer = cd_fixed_point_error(CDConfig()), cd_fixed_point_error(CDConfig(num_scales=35))
     assert 0.015 < floor < 0.03, floor
     assert finer < floor / 3, (floor, finer)
