@@ -48,9 +48,8 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", f"out={out}", "--quiet", "train.stepz=10"], capsys)
     assert_one_line_error(code, err, "train.stepz", "valid keys")  # read as an override, not refused by argparse
-    with pytest.raises(SystemExit) as exit_info:
-        main(["distill", "--quiet", "--nope"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+    assert main(["distill", "--quiet", "--nope"]) == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
 def test_unknown_key_in_a_recipe_file_and_wrong_type(tmp_path, capsys):
@@ -94,7 +93,7 @@ def test_wrong_data_shape(tmp_path, capsys, digits_teacher_folder):
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", "dataset=ring8", f"teacher.source={digits_teacher_folder}", f"out={out}"],
                            capsys)
-    assert_one_line_error(code, err, "(1, 8, 8)", "ring8", "(2,)")
+    assert_one_line_error(code, err, "[1, 8, 8]", "ring8", "[2]")
     assert not out.exists()
 
 
@@ -165,12 +164,11 @@ def test_teacher_train_passes_backbone_args_and_refuses_non_objects(tmp_path, ca
     hparams = json.loads((out / "fewstep.json").read_text())["backbone"]["hparams"]
     assert (hparams["width"], hparams["depth"], hparams["time_frequencies"]) == (16, 1, [0.1, 20])
     for text, needle in (("[16]", "needs a JSON object"), ("{width: 16}", "not JSON")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["teacher", "train", "--backbone-args", text, "--out", str(tmp_path / "never")])
+        code = main(["teacher", "train", "--backbone-args", text, "--out", str(tmp_path / "never")])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "--backbone-args" in err and needle in err
+        assert code == 2 and "--backbone-args" in err and needle in err
     assert not (tmp_path / "never").exists()
     code, _, err = run_cli(["teacher", "train", "--backbone-args", '{"widht": 16}', "--steps", "2", "--out",
                             str(tmp_path / "never")], capsys)
-    assert_one_line_error(code, err, "backbone_args", "widht")
+    assert_one_line_error(code, err, "--backbone-args", "widht")
     assert not (tmp_path / "never").exists()

@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-from fewstep.errors import CheckpointError
+from fewstep.errors import CheckpointError, ConfigError
 from fewstep.models.analytic import ring_mixture
 from fewstep.models.denoiser import ConsistencyDenoiser, EDMDenoiser, PathDenoiser
 from fewstep.models.io import load_model, save_model
 from fewstep.nets import MLP, SmallUNet
+from fewstep.outputs import sibling
 from fewstep.paths import VPCosine
 
 METADATA = {"role": "student", "dataset": "ring8", "data_shape": [2], "method": "pd",
@@ -64,13 +65,34 @@ def test_description_is_human_readable(tmp_path):
 def test_overwrite_replaces_the_folder_and_leaves_no_temporaries(tmp_path):
     folder = tmp_path / "model"
     save_model(folder, mlp_denoiser(width=16), {"role": "teacher"})
-    (folder / "stale.txt").write_text("from the old model")
     new = mlp_denoiser(width=32)
-    save_model(folder, new, {"role": "student"})
+    save_model(folder, new, {"role": "teacher"})
     loaded, description = load_model(folder)
-    assert description["role"] == "student" and loaded.backbone.hparams["width"] == 32
+    assert description["role"] == "teacher" and loaded.backbone.hparams["width"] == 32
     assert sorted(p.name for p in folder.iterdir()) == ["fewstep.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_save_never_removes_what_fewstep_did_not_write(tmp_path):
+    """A folder with a user's file in it, a model of the other role, a file where the folder should be, and the
+    user's own ``model.tmp`` / ``model.prev`` beside it: each refused or left alone, nothing deleted."""
+    folder = tmp_path / "model"
+    save_model(folder, mlp_denoiser(width=16), {"role": "teacher"})
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes\.txt"):
+        save_model(folder, mlp_denoiser(width=16), {"role": "teacher"})
+    (folder / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match="holds a fewstep teacher, not a student"):
+        save_model(folder, mlp_denoiser(width=16), {"role": "student"})
+    (tmp_path / "thesis.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        save_model(tmp_path / "thesis.txt", mlp_denoiser(width=16), {"role": "teacher"})
+    for name in ("model.tmp", "model.prev"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("mine")
+    save_model(folder, mlp_denoiser(width=8), {"role": "teacher"})
+    assert (tmp_path / "thesis.txt").read_text() == "mine"
+    assert all((tmp_path / name / "keep.txt").read_text() == "mine" for name in ("model.tmp", "model.prev"))
 
 
 def test_failed_save_keeps_the_existing_model(tmp_path):
@@ -97,10 +119,10 @@ def test_tied_weights_are_saved(tmp_path):
 
 def test_a_crash_between_the_renames_is_recovered_on_the_next_save(tmp_path):
     folder = tmp_path / "model"
-    save_model(folder, mlp_denoiser(), {"role": "first"})
-    folder.rename(tmp_path / "model.prev")  # as if the process died after moving the old folder aside
-    save_model(folder, mlp_denoiser(), {"role": "second"})
-    assert load_model(folder)[1]["role"] == "second"
+    save_model(folder, mlp_denoiser(width=16), {"role": "teacher"})
+    folder.rename(sibling(folder, "prev"))  # as if the process died after moving the old folder aside
+    save_model(folder, mlp_denoiser(width=32), {"role": "teacher"})
+    assert load_model(folder)[0].backbone.hparams["width"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

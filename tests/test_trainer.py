@@ -1,6 +1,11 @@
 import csv
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -40,20 +45,26 @@ class Points:
         self.position = state["position"]
 
 
+@dataclass
+class RegressionConfig(MethodConfig):
+    spread: float = 1.0  # of the log noise levels
+
+
 class Regression(DistillationMethod):
     """Regress the student onto the exact ring denoiser at random noise levels; ``fault_at`` makes the loss
     NaN (``"loss"``) or the gradient NaN with a finite loss (``"weights"``) at that step."""
 
     name = "test_regression"
 
-    def __init__(self, fault_at: int | None = None, fault: str = "loss"):
+    def __init__(self, fault_at: int | None = None, fault: str = "loss", spread: float = 1.0):
         torch.manual_seed(0)
-        super().__init__(ring_mixture(), EDMDenoiser(MLP((2,), width=16, depth=1, emb_dim=8), 1.4), MethodConfig())
+        super().__init__(ring_mixture(), EDMDenoiser(MLP((2,), width=16, depth=1, emb_dim=8), 1.4),
+                         RegressionConfig(spread))
         self.fault_at, self.fault = fault_at, fault
 
     def losses(self, phase, batch, step, generator):
         x0 = batch.x0
-        s = torch.exp(torch.randn(x0.shape[0], generator=generator, device=x0.device))
+        s = torch.exp(self.config.spread * torch.randn(x0.shape[0], generator=generator, device=x0.device))
         x = x0 + s[:, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
         target = self.teacher(x, s)
         loss = ((self.student(x, s) - target) ** 2).mean()
@@ -84,6 +95,15 @@ def assert_bitwise_equal(a: dict, b: dict):
 def read_log(run_dir):
     with open(run_dir / "log.csv", newline="") as file:
         return list(csv.DictReader(file))
+
+
+def log_without_seconds(run_dir) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_log(run_dir)]
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_training_reduces_the_loss_and_logs(tmp_path):
@@ -337,3 +357,159 @@ def test_learning_rate_warm_up_and_cosine_schedule():
     assert lr_factor(0, TrainConfig(steps=1, lr_schedule="cosine")) == 1.0
     with pytest.raises(ConfigError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+def write_lock(folder, pid: int) -> str:
+    text = json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-02T03:04:05+00:00",
+                       "what": "another run"})
+    (folder / ".lock").write_text(text)
+    return text
+
+
+class LockWatch:
+    """A monitor that records who holds the run directory's lock while training runs."""
+
+    every = 5
+
+    def __init__(self, run_dir):
+        self.lock, self.holders = run_dir / ".lock", []
+
+    def __call__(self, step, student):
+        self.holders.append(json.loads(self.lock.read_text())["pid"])
+        return {}
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused_and_writes_nothing(tmp_path):
+    train(Regression(), Points(), config(steps=10), tmp_path, progress=False)
+    before = snapshot(tmp_path)
+    assert ".lock" not in before  # released when train returned
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = write_lock(tmp_path, other.pid)
+        with pytest.raises(ConfigError) as error:
+            train(Regression(), Points(), config(), tmp_path, progress=False)
+        assert str(error.value) == (f"{tmp_path} is in use by process {other.pid} on {socket.gethostname()} since "
+                                    f"2025-01-02T03:04:05+00:00 (another run): wait for it to finish or choose "
+                                    f"another folder")
+        assert snapshot(tmp_path) == before | {".lock": lock.encode()}  # nothing written, the lock left alone
+    finally:
+        other.kill()
+        other.wait()
+    # its process is gone: the lock is stale and taken over
+    watch = LockWatch(tmp_path)
+    with pytest.warns(UserWarning, match=f"taking over the lock of process {other.pid}, which is no longer running"):
+        result = train(Regression(), Points(), config(), tmp_path, progress=False, monitors=(watch,))
+    assert result.steps_done == 20 and watch.holders == [os.getpid()] * 2
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_the_lock_is_released_when_training_fails(tmp_path):
+    with pytest.raises(TrainingDiverged):
+        train(Regression(fault_at=3), Points(), config(), tmp_path, progress=False)
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_resume_refuses_changed_settings_and_writes_nothing(tmp_path):
+    train(Regression(), Points(), config(steps=10), tmp_path, progress=False)
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train(Regression(spread=0.5), Points(), config(lr=2e-2, grad_clip=0.5), tmp_path, progress=False)
+    assert str(error.value) == (f"{tmp_path / 'checkpoint'} was trained under other settings (train.lr 0.01 -> 0.02, "
+                                f"train.grad_clip 1.0 -> 0.5, method_args.spread 1.0 -> 0.5): use another run dir, or "
+                                f"pass allow_changes=True (fewstep distill --resume-changed) to continue under the "
+                                f"new settings")
+    assert snapshot(tmp_path) == before
+
+    result = train(Regression(), Points(), config(lr=2e-2), tmp_path, allow_changes=True, progress=False)
+    assert result.steps_done == 20 and load_checkpoint(tmp_path).state["config"]["lr"] == 2e-2
+    rows = read_log(tmp_path)
+    assert [(r["step"], r["phase"], r["changed"]) for r in rows if r["phase"] == "resume"] == [
+        ("10", "resume", "train.lr 0.01 -> 0.02")]
+    train(Regression(), Points(), config(lr=2e-2, steps=30), tmp_path, progress=False)  # the new settings hold now
+
+
+def test_resume_refuses_another_device_and_compares_what_old_checkpoints_kept(tmp_path):
+    train(Regression(), Points(), config(steps=10), tmp_path, progress=False)
+    state_file = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["method_config"] == {"spread": 1.0}
+    state["config"]["device"] = "cuda"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"\(train.device 'cuda' -> 'cpu'\)"):
+        train(Regression(), Points(), config(), tmp_path, progress=False)
+    del state["method_config"]  # a checkpoint written before method configs were kept
+    state["config"]["device"] = "cpu"
+    state_file.write_text(json.dumps(state))
+    assert train(Regression(spread=0.5), Points(), config(), tmp_path, progress=False).steps_done == 20
+
+
+def test_resume_with_more_steps_and_other_checkpointing_is_bitwise_equal(tmp_path):
+    """Only the number of steps and when to checkpoint change. (A leg that ends logs its last, partial window: it
+    ends here at a window's end, 15, so the logs match too.)"""
+    method = Regression()
+    whole = all_weights(method, train(method, Points(), config(steps=40), tmp_path / "whole", progress=False))
+    train(Regression(), Points(), config(steps=15, checkpoint_every=4, max_seconds=100.0), tmp_path / "split",
+          progress=False)
+    second = Regression()
+    resumed = train(second, Points(), config(steps=40, checkpoint_every=7), tmp_path / "split", progress=False)
+    assert_bitwise_equal(whole, all_weights(second, resumed))
+    assert log_without_seconds(tmp_path / "split") == log_without_seconds(tmp_path / "whole")
+
+
+def test_resume_refuses_more_steps_under_a_cosine_schedule(tmp_path):
+    train(Regression(), Points(), config(steps=10, lr_schedule="cosine"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"\(train.steps 10 -> 20\)"):
+        train(Regression(), Points(), config(lr_schedule="cosine"), tmp_path, progress=False)
+
+
+class Interrupting(Regression):
+    """Sends itself ``times`` SIGINTs during step ``at`` (as Ctrl-C would); records the steps whose losses it
+    computed (after the signals)."""
+
+    def __init__(self, at: int, times: int = 1):
+        super().__init__()
+        self.at, self.times, self.steps = at, times, []
+
+    def losses(self, phase, batch, step, generator):
+        if step == self.at and step not in self.steps:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+        self.steps.append(step)
+        return super().losses(phase, batch, step, generator)
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt, as in an interactive Python (whatever this test process inherited)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_the_step_it_interrupts_and_resumes_bitwise(tmp_path, ctrl_c):
+    reference = Regression()
+    whole = all_weights(reference, train(reference, Points(), config(), tmp_path / "whole", progress=False))
+    method = Interrupting(at=12)
+    with pytest.raises(KeyboardInterrupt):
+        train(method, Points(), config(), tmp_path / "split", progress=False)
+    assert max(method.steps) == 12 and load_checkpoint(tmp_path / "split").step == 13  # step 12 finished, saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not (tmp_path / "split/.lock").exists()
+    second = Interrupting(at=-1)  # the same method class, never interrupting
+    resumed = train(second, Points(), config(), tmp_path / "split", progress=False)
+    assert_bitwise_equal(whole, all_weights(second, resumed))
+    assert log_without_seconds(tmp_path / "split") == log_without_seconds(tmp_path / "whole")
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, ctrl_c):
+    method = Interrupting(at=12, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(method, Points(), config(), tmp_path, progress=False)
+    assert max(method.steps) == 11 and load_checkpoint(tmp_path).step == 10 and not (tmp_path / ".lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_without_a_run_dir_stops_at_the_step_boundary(ctrl_c):
+    method = Interrupting(at=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(method, Points(), config(), None, progress=False)
+    assert max(method.steps) == 4

@@ -8,6 +8,7 @@ that names the key, before any file is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fewstep.errors import ConfigError
@@ -92,6 +94,20 @@ RecipeLoader.yaml_implicit_resolvers = {
 RecipeLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _mapping_without_repeats(loader: RecipeLoader, node: yaml.MappingNode) -> dict:
+    """A YAML mapping, refusing a key given twice (PyYAML would silently keep the last)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}): keep one")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` converted to ``annotation`` where that is lossless (int -> float, "2e-4" -> float), else
     raise."""
@@ -124,7 +140,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 (PyYAML) reads 2e-4 as a string; only 2.0e-4 is a float there
+        value = float(value)  # YAML 1.1 (PyYAML) reads 2e-4 as a string; only 2.0e-4 is a float there
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -157,7 +175,7 @@ def apply_override(tree: dict, assignment: str) -> None:
     try:
         value = yaml.load(raw, Loader=RecipeLoader) if raw else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {error}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {one_line(error)}") from None
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -175,11 +193,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
-            tree = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+            tree = yaml.load(path.read_text(), Loader=RecipeLoader)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+        if tree is None:
+            raise ConfigError(f"recipe {path} is empty: give at least its dataset and method (see configs/)")
         if not isinstance(tree, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections")
+    keys = [assignment.split("=", 1)[0].strip() for assignment in overrides]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"override {repeated[0]!r} is given twice: keep one")
     for assignment in overrides:
         apply_override(tree, assignment)
     recipe = build_dataclass(Recipe, tree, "")
@@ -188,3 +212,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def check_device(name: str, key: str) -> torch.device:
+    """The device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ...) if this machine has it, else one ConfigError naming
+    ``key``."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"{key} {name!r} is not a device ({one_line(error)}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} {name!r}: CUDA is not available here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key} {name!r}: fewstep runs on cpu or cuda")
+    return device
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

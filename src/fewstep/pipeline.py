@@ -15,9 +15,11 @@ from torch import nn
 from fewstep.cache import cache_dir
 from fewstep.config import build_dataclass
 from fewstep.data.sources import Source, TeacherPairs, make_source, pair_labels
+from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
 from fewstep.methods.base import DistillationMethod
+from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import one_line
 from fewstep.nets import build_backbone
 from fewstep.student import Student
@@ -66,6 +68,38 @@ def build_method(teacher: Teacher, method: str | type[DistillationMethod], metho
         raise ConfigError(f"method_args for {method_cls.name}: {one_line(error)}") from error
 
 
+class _StandInTeacher(Denoiser):
+    """A teacher with nothing to copy, for checking a method's arguments before the real teacher exists."""
+
+    def __init__(self, dataset: DatasetSpec):
+        super().__init__()
+        self.data_shape, self.num_classes = tuple(dataset.data_shape), dataset.num_classes
+
+    def forward(self, x, s, cond=None):
+        return torch.zeros_like(x)
+
+
+def check_method(method: str | type[DistillationMethod], method_args: dict | None, dataset: DatasetSpec,
+                 steps: int | None = None, device: str = "meta") -> DistillationMethod:
+    """Refuse, naming the key, arguments a method would refuse: its config is validated and the method is built on
+    a stand-in teacher and a tiny student, on the meta device by default (nothing allocated), so its own checks run
+    before any teacher is trained or loaded. Returns that stand-in method; built on the CPU, its ``sampling``
+    answers as the real one's."""
+    method_cls = method_class(method)
+    config = build_dataclass(method_cls.Config, method_args_for(method_cls, method_args, steps), "method_args")
+    teacher = _StandInTeacher(dataset)
+    tiny = {**default_backbone_args(dataset), "width": 8, "depth": 1}
+    try:
+        with torch.device(device):
+            student = method_cls.build_student(teacher, config, lambda: build_backbone("mlp", **tiny),
+                                               dataset.sigma_data)
+            return method_cls(teacher, student, config)
+    except ValueError as error:
+        raise ConfigError(f"method_args for {method_cls.name}: {one_line(error)}") from None
+    except (RuntimeError, MemoryError) as error:  # e.g. a buffer too large to allocate
+        raise ConfigError(f"method_args for {method_cls.name}: cannot build it ({one_line(error)[:200]})") from None
+
+
 def method_source(distiller: DistillationMethod, teacher: Teacher, progress: bool = True) -> Source:
     """The training-signal source for ``distiller``'s needs; teacher pairs are solved from the guided teacher as
     the method requests and cached by teacher and solver in ``cache_dir()/pairs``."""
@@ -90,7 +124,7 @@ def distill(teacher: Teacher, method: str | type[DistillationMethod] | Distillat
             batch_size: int = 256, lr: float = 2e-4, method_args: dict | None = None,
             train_config: TrainConfig | None = None, student_backbone_args: dict | None = None,
             run_dir: str | Path | None = None, nfe: tuple[int, ...] = STUDENT_NFE, progress: bool = True,
-            device: str = "cpu", monitors: tuple[Monitor, ...] = ()) -> Student:
+            device: str = "cpu", monitors: tuple[Monitor, ...] = (), allow_changes: bool = False) -> Student:
     """Distil ``teacher`` into a few-step student with a registered method (``fewstep methods`` lists them).
 
     ``train_config`` overrides ``steps``, ``batch_size``, ``lr`` and ``device`` when given. The method's schedule
@@ -98,8 +132,8 @@ def distill(teacher: Teacher, method: str | type[DistillationMethod] | Distillat
     may also be a method :func:`new_method` built for this run (the caller checked it first), with no
     ``method_args`` or ``student_backbone_args`` beside it. The run trains on ``device`` (e.g. ``"cuda"``), and the
     teacher's denoiser is moved there too (the student comes back on it). With ``run_dir`` the run checkpoints
-    there and resumes if interrupted; ``monitors`` run every so many steps on the student (see
-    :mod:`fewstep.train.monitor`)."""
+    there and resumes if interrupted (a checkpoint of other settings is refused unless ``allow_changes``);
+    ``monitors`` run every so many steps on the student (see :mod:`fewstep.train.monitor`)."""
     config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                                         device=device)
     if isinstance(method, DistillationMethod):
@@ -110,7 +144,8 @@ def distill(teacher: Teacher, method: str | type[DistillationMethod] | Distillat
     else:
         distiller = new_method(teacher, method, method_args, student_backbone_args, config)
     source = method_source(distiller, teacher, progress)
-    result = train(distiller, source, config, run_dir=run_dir, progress=progress, monitors=monitors)
+    result = train(distiller, source, config, run_dir=run_dir, progress=progress, monitors=monitors,
+                   allow_changes=allow_changes)
     sampling = {k: distiller.sampling(k) for k in sorted(set(nfe) | set(STUDENT_NFE))}
     metadata = {"teacher": teacher.name, "method_args": asdict(distiller.config),
                 "guidance": {"convention": teacher.guidance_convention, "scale": teacher.guidance_scale}}

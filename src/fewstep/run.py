@@ -7,16 +7,18 @@ checked by :func:`check_recipe` before any file is written.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from fewstep.config import Recipe, TeacherRecipe, build_dataclass, recipe_to_dict
+from fewstep.config import Recipe, TeacherRecipe, check_device, recipe_to_dict
 from fewstep.data import load_dataset
 from fewstep.data.batch import NEEDS
-from fewstep.errors import ConfigError, DataError
+from fewstep.data.spec import DatasetSpec
+from fewstep.errors import ConfigError
 from fewstep.eval.evaluate import (
     best_at_nfe,
     best_teacher,
@@ -28,44 +30,121 @@ from fewstep.eval.evaluate import (
 )
 from fewstep.eval.levels import check_tunable, tune_levels
 from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
-from fewstep.guidance import CONVENTIONS
+from fewstep.guidance import CONVENTIONS, cfg_weight
 from fewstep.methods import METHODS
-from fewstep.models.io import load_model
-from fewstep.pipeline import distill, method_args_for, method_class, new_method
+from fewstep.models.io import check_model_files
+from fewstep.outputs import claim, mark
+from fewstep.pipeline import check_method, distill, new_method
 from fewstep.solvers import DEFAULT_TEACHER_NFE, TEACHER_SOLVERS
 from fewstep.student import Student
-from fewstep.teachers import Teacher
+from fewstep.teachers import Teacher, check_backbone_args, check_dataset, model_role
 from fewstep.train.monitor import MIN_SAMPLES, SampleMonitor
 from fewstep.train.trainer import accelerator_for
 
+# What may change between the legs of one run (rerunning into the same `out` resumes it): train longer, log or
+# checkpoint at another pace, evaluate differently. Any other change would continue one run under another recipe.
+RESUMABLE_CHANGES = ("train.steps", "train.max_seconds", "train.log_every", "train.checkpoint_every", "eval.", "out")
+MAX_EVAL_SAMPLES = 200_000
+RECIPE_FILE = "recipe.json"
 
-def check_recipe(recipe: Recipe) -> None:
-    """Refuse a recipe that cannot run, naming the key to fix. Writes nothing."""
+
+def check_recipe(recipe: Recipe, resume_changed: bool = False) -> None:
+    """Refuse a recipe that cannot run, naming the key to fix, before any teacher is trained and before anything is
+    written: dataset, method and its arguments (checked by the method itself), teacher, guidance, training and
+    evaluation settings, the student network, and the output folder (new, empty, or this recipe's earlier run;
+    an earlier run of another recipe only with ``resume_changed``)."""
     dataset = load_dataset(recipe.dataset)
     try:
-        method_cls = method_class(recipe.method)
+        check_method(recipe.method, recipe.method_args, dataset, recipe.train.steps)
     except ConfigError as error:
-        raise ConfigError(f"method: {error}") from None
-    build_dataclass(method_cls.Config, method_args_for(method_cls, recipe.method_args, recipe.train.steps),
-                    "method_args")
-    source = recipe.teacher.source
-    if source not in ("analytic", "train") and not Path(source).exists():
-        raise ConfigError(f"teacher.source: no model folder at {source!r} (or use 'analytic' / 'train')")
-    if source not in ("analytic", "train"):
-        teacher, _ = load_model(source)
-        if tuple(teacher.data_shape) != tuple(dataset.data_shape):
-            raise DataError(f"teacher.source {source!r} makes samples of shape {tuple(teacher.data_shape)} but "
-                            f"dataset {dataset.name!r} has shape {tuple(dataset.data_shape)}")
-    if recipe.teacher.guidance_convention not in CONVENTIONS:
+        raise ConfigError(f"method: {error}" if not str(error).startswith("method_args") else str(error)) from None
+    _check_teacher(recipe, dataset)
+    _check_train(recipe)
+    _check_eval(recipe, dataset)
+    if recipe.student_backbone_args:
+        check_backbone_args(dataset, "mlp", recipe.student_backbone_args, "student_backbone_args")
+    out = claim(recipe.out, "run")
+    _check_same_recipe(recipe, out, resume_changed)
+
+
+def _check_teacher(recipe: Recipe, dataset: DatasetSpec) -> None:
+    spec = recipe.teacher
+    if spec.source == "analytic" and dataset.analytic is None:
+        raise ConfigError(f"teacher.source: dataset {dataset.name!r} has no analytic teacher; use 'train' or a "
+                          "model folder")
+    if spec.source == "train":
+        check_backbone_args(dataset, spec.backbone, spec.backbone_args, "teacher.backbone_args")
+    elif spec.source != "analytic":
+        if not Path(spec.source).exists():
+            raise ConfigError(f"teacher.source: no model folder at {spec.source!r} (or use 'analytic' / 'train')")
+        if model_role(spec.source) != "teacher":
+            raise ConfigError(f"teacher.source: {spec.source} holds a fewstep student, not a teacher")
+        check_dataset(check_model_files(spec.source), dataset, spec.source)
+    if spec.guidance_convention not in CONVENTIONS:
         raise ConfigError(f"teacher.guidance_convention must be one of {CONVENTIONS}")
-    unknown = [s for s in recipe.eval.teacher_solvers if s not in TEACHER_SOLVERS]
+    if not math.isfinite(spec.guidance_scale):
+        raise ConfigError(f"teacher.guidance_scale must be a finite number, got {spec.guidance_scale}")
+    if dataset.num_classes == 0 and cfg_weight(spec.guidance_scale, spec.guidance_convention) != 1.0:
+        raise ConfigError(f"teacher.guidance_scale: dataset {dataset.name!r} has no classes to guide with; leave "
+                          "the scale at its plain value (1 for 'cfg', 0 for 'cfg_plus_one')")
+
+
+def _check_train(recipe: Recipe) -> None:
+    train = recipe.train
+    if train.steps < 1:
+        raise ConfigError(f"train.steps must be at least 1, got {train.steps}")
+    if not 0 < train.lr <= 1:
+        raise ConfigError(f"train.lr must be a number in (0, 1], got {train.lr}")
+    if train.seed < 0 or recipe.eval.seed < 0:
+        raise ConfigError(f"train.seed and eval.seed must be >= 0, got {train.seed} and {recipe.eval.seed}")
+    check_device(train.device, "train.device")
+
+
+def _check_eval(recipe: Recipe, dataset: DatasetSpec) -> None:
+    ev = recipe.eval
+    unknown = [s for s in ev.teacher_solvers if s not in TEACHER_SOLVERS]
     if unknown:
         raise ConfigError(f"eval.teacher_solvers: unknown solver {unknown[0]!r}; choose from {TEACHER_SOLVERS}")
-    if any(n < 1 for n in recipe.eval.student_nfe + recipe.eval.teacher_nfe):
-        raise ConfigError("eval.student_nfe and eval.teacher_nfe must be positive integers")
-    if recipe.eval.monitor_every < 0 or recipe.eval.monitor_samples < MIN_SAMPLES:
+    if not ev.student_nfe or any(n < 1 for n in ev.student_nfe + ev.teacher_nfe):
+        raise ConfigError("eval.student_nfe (at least one) and eval.teacher_nfe must be positive integers")
+    if ev.n_samples is not None and not 2 <= ev.n_samples <= MAX_EVAL_SAMPLES:
+        raise ConfigError(f"eval.n_samples must be in [2, {MAX_EVAL_SAMPLES}], got {ev.n_samples}")
+    if ev.conditional and dataset.num_classes == 0:
+        raise ConfigError(f"eval.conditional: dataset {dataset.name!r} has no classes")
+    if ev.monitor_every < 0 or ev.monitor_samples < MIN_SAMPLES:
         raise ConfigError(f"eval.monitor_every must be >= 0 (0: no monitor) and eval.monitor_samples >= "
                           f"{MIN_SAMPLES}")
+    if ev.tune_levels:  # the samplers a method uses, from a stand-in of it on the CPU
+        method = check_method(recipe.method, recipe.method_args, dataset, recipe.train.steps, device="cpu")
+        for nfe in (nfe for nfe in ev.student_nfe if nfe > 1):
+            check_tunable(method.sampling(nfe), recipe.method, nfe, "eval.tune_levels")
+
+
+def _check_same_recipe(recipe: Recipe, out: Path, resume_changed: bool) -> None:
+    """Refuse to continue the run in ``out`` under a changed recipe (listing the changes) unless asked to."""
+    try:
+        earlier = json.loads((out / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    now = _flatten(json.loads(json.dumps(recipe_to_dict(recipe))))
+    before = _flatten(earlier)
+    changed = [key for key in sorted(set(now) | set(before)) if now.get(key) != before.get(key)
+               and not key.startswith(RESUMABLE_CHANGES)]
+    if changed and not resume_changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:4])
+        raise ConfigError(f"{out} holds a run of another recipe ({shown}{', ...' if len(changed) > 4 else ''}): "
+                          "use another out, or pass --resume-changed to continue it under this one")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (a method's arguments stay one value per key)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("teacher", "train", "eval", "method_args"):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def resolve_teacher(spec: TeacherRecipe, dataset: str, seed: int = 0, device: str = "cpu",
@@ -82,11 +161,12 @@ def resolve_teacher(spec: TeacherRecipe, dataset: str, seed: int = 0, device: st
     return teacher.with_guidance(spec.guidance_scale, spec.guidance_convention)
 
 
-def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
+def run_recipe(recipe: Recipe, progress: bool = True, resume_changed: bool = False) -> dict:
     """Run the whole job and write ``out/``: ``student/`` (the exported model), ``report.json``,
     ``report.md``, ``samples.png`` (teacher vs student) and ``quality_vs_nfe.png``. Returns the report.
-    In a multi-process run every process trains; rank 0 alone evaluates and writes, the others return ``{}``."""
-    check_recipe(recipe)
+    In a multi-process run every process trains; rank 0 alone evaluates and writes, the others return ``{}``.
+    Rerunning into the same ``out`` resumes the run; a changed recipe is refused unless ``resume_changed``."""
+    check_recipe(recipe, resume_changed)
     out = Path(recipe.out)
     started = time.perf_counter()
     process = accelerator_for(recipe.train.device)  # one of several when launched multi-process
@@ -94,15 +174,17 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         teacher = resolve_teacher(recipe.teacher, recipe.dataset, recipe.train.seed, recipe.train.device,
                                   progress and process.is_main_process)
     teacher_seconds = time.perf_counter() - started
+    if process.is_main_process:
+        mark(out, "run")
+        (out / RECIPE_FILE).write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
     method = new_method(teacher, recipe.method, recipe.method_args, recipe.student_backbone_args, recipe.train)
     level_nfes = [nfe for nfe in recipe.eval.student_nfe if nfe > 1] if recipe.eval.tune_levels else []
-    for nfe in level_nfes:
-        check_tunable(method.sampling(nfe), recipe.method, nfe, "eval.tune_levels")
     monitors = (SampleMonitor(teacher.dataset, method.sampling(min(recipe.eval.student_nfe)),
                               recipe.eval.monitor_every, recipe.eval.monitor_samples, recipe.eval.seed),
                 ) if recipe.eval.monitor_every else ()
     student = distill(teacher, method, train_config=recipe.train, run_dir=out / "run",
-                      nfe=tuple(recipe.eval.student_nfe), progress=progress, monitors=monitors)
+                      nfe=tuple(recipe.eval.student_nfe), progress=progress, monitors=monitors,
+                      allow_changes=resume_changed)
     if not process.is_main_process:  # rank 0 evaluates and writes the files
         return {}
     ev = recipe.eval

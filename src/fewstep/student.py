@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,11 +11,11 @@ from torch import Tensor
 
 from fewstep.conditions import Condition
 from fewstep.data.spec import DatasetSpec
-from fewstep.errors import ConfigError
+from fewstep.errors import CheckpointError, ConfigError
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import load_model, save_model
-from fewstep.solvers import Sampling, sample
-from fewstep.teachers import dataset_of, on_device, one_condition
+from fewstep.solvers import SAMPLERS, Sampling, sample
+from fewstep.teachers import check_dataset, dataset_of, model_role, on_device, one_condition
 from fewstep.train.trainer import TrainResult
 
 
@@ -66,11 +67,34 @@ class Student:
             **self.metadata})
 
     @classmethod
-    def load(cls, folder: str | Path) -> Student:
+    def load(cls, folder: str | Path, dataset: DatasetSpec | None = None) -> Student:
+        """A student saved by :meth:`save`; with ``dataset``, one distilled on it (else refused)."""
+        if model_role(folder) != "student":
+            raise CheckpointError(f"{folder} holds a fewstep teacher, not a student: use fewstep.Teacher.load")
         denoiser, meta = load_model(folder)
-        if meta.get("role") != "student" or "sampling" not in meta:
-            raise ConfigError(f"{folder} is not a fewstep student (role={meta.get('role')!r}); "
-                              "use fewstep.Teacher.load for teachers")
-        sampling = {int(nfe): Sampling(**spec) for nfe, spec in meta["sampling"].items()}
+        sampling = _sampling_of(meta, folder)
+        if dataset is not None:
+            check_dataset(meta, dataset, folder)
         extra = {k: v for k, v in meta.items() if k in ("teacher", "guidance", "method_args")}
-        return cls(denoiser, meta.get("method", "?"), sampling, dataset_of(meta, denoiser), extra)
+        return cls(denoiser, meta.get("method", "?"), sampling, dataset or dataset_of(meta, denoiser), extra)
+
+
+def _sampling_of(meta: dict, folder: str | Path) -> dict[int, Sampling]:
+    """The saved sampling schedules, checked: ``{"<nfe>": {"sampler": <name>, "sigmas": [decreasing levels]}}``."""
+    entries = meta.get("sampling")
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"{folder}/fewstep.json has no sampling schedules (a 'sampling' mapping of NFE to "
+                              "sampler and levels)")
+    sampling = {}
+    for nfe, spec in entries.items():
+        where = f"{folder}/fewstep.json: sampling[{nfe!r}]"
+        if not str(nfe).isdigit() or int(nfe) < 1 or not isinstance(spec, dict):
+            raise CheckpointError(f"{where} must map a positive NFE to {{'sampler': ..., 'sigmas': [...]}}")
+        sigmas = spec.get("sigmas")
+        if spec.get("sampler") not in SAMPLERS or set(spec) != {"sampler", "sigmas"}:
+            raise CheckpointError(f"{where}: sampler must be one of {sorted(SAMPLERS)}, with sigmas and nothing else")
+        if not isinstance(sigmas, list) or not sigmas or not all(
+                isinstance(s, int | float) and math.isfinite(s) and s >= 0 for s in sigmas):
+            raise CheckpointError(f"{where}: sigmas must be a list of finite noise levels >= 0")
+        sampling[int(nfe)] = Sampling(spec["sampler"], [float(s) for s in sigmas])
+    return sampling

@@ -16,11 +16,12 @@ from fewstep.cache import cache_dir
 from fewstep.conditions import Condition, TextCondition
 from fewstep.data import DATASETS, load_dataset
 from fewstep.data.spec import DatasetSpec
-from fewstep.errors import ConfigError
+from fewstep.errors import CheckpointError, ConfigError, DataError
 from fewstep.guidance import GuidedDenoiser
 from fewstep.models.analytic import GaussianMixture
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.io import load_model, save_model
+from fewstep.models.io import load_model, one_line, read_description, save_model
+from fewstep.nets import build_backbone
 from fewstep.solvers import DEFAULT_TEACHER_NFE, solve, solver_sigmas
 from fewstep.train.teacher import TeacherConfig, train_teacher
 from fewstep.train.trainer import TrainConfig
@@ -39,6 +40,38 @@ def default_backbone_args(dataset: DatasetSpec) -> dict:
     """The MLP that fewstep uses for a dataset unless told otherwise (flattened images are wider than points)."""
     return {"data_shape": list(dataset.data_shape), "width": 512 if dataset.kind == "images" else 256, "depth": 4,
             "num_classes": dataset.num_classes}
+
+
+def check_backbone_args(dataset: DatasetSpec, backbone: str, backbone_args: dict | None, key: str) -> None:
+    """Refuse, naming ``key``, backbone arguments that do not build a network for ``dataset`` (checked on the meta
+    device, so nothing is allocated)."""
+    args = {**default_backbone_args(dataset), **(backbone_args or {})} if backbone == "mlp" else {
+        "data_shape": list(dataset.data_shape), "num_classes": dataset.num_classes, **(backbone_args or {})}
+    try:
+        with torch.device("meta"):
+            build_backbone(backbone, **args)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"{key} for {backbone!r}: {one_line(error)}") from None
+
+
+def model_role(folder: str | Path) -> str:
+    """``"teacher"`` or ``"student"``: what the model folder holds (read from its ``fewstep.json``)."""
+    role = read_description(folder).get("role")
+    if role not in ("teacher", "student"):
+        raise CheckpointError(f"{folder}: fewstep.json has role {role!r}, neither teacher nor student")
+    return role
+
+
+def check_dataset(meta: dict, dataset: DatasetSpec, folder: str | Path) -> None:
+    """Refuse a model trained on another dataset than ``dataset``: another name, sample shape or normalisation."""
+    saved = {"dataset": meta.get("dataset"), "data_shape": meta.get("data_shape"),
+             "normalisation": meta.get("normalisation")}  # what a folder does not record is not compared
+    expected = {"dataset": dataset.name, "data_shape": list(dataset.data_shape),
+                "normalisation": dataset.normalisation}
+    differ = [key for key in saved if saved[key] is not None and saved[key] != expected[key]]
+    if differ:
+        raise DataError(f"{folder} was trained on {saved['dataset']} ({', '.join(f'{k} {saved[k]}' for k in differ)})"
+                        f", not on {dataset.name} ({', '.join(f'{k} {expected[k]}' for k in differ)})")
 
 
 def dataset_of(meta: dict, denoiser: Denoiser) -> DatasetSpec:
@@ -109,9 +142,15 @@ class Teacher:
 
     @classmethod
     def load(cls, folder: str | Path, dataset: str | DatasetSpec | None = None) -> Teacher:
-        """A teacher saved by :meth:`save` or ``fewstep teacher train``."""
+        """A teacher saved by :meth:`save` or ``fewstep teacher train``; with ``dataset``, one trained on it."""
+        if model_role(folder) != "teacher":
+            raise CheckpointError(f"{folder} holds a fewstep student, not a teacher: use fewstep.Student.load")
         denoiser, meta = load_model(folder)
-        dataset = as_dataset(dataset) if dataset is not None else dataset_of(meta, denoiser)
+        if dataset is not None:
+            dataset = as_dataset(dataset)
+            check_dataset(meta, dataset, folder)
+        else:
+            dataset = dataset_of(meta, denoiser)
         guidance = meta.get("guidance", {})
         return cls(denoiser, dataset, str(folder), guidance.get("scale", 1.0), guidance.get("convention", "cfg"))
 

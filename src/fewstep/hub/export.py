@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
@@ -25,9 +25,11 @@ from torch import nn
 
 from fewstep.errors import ConfigError
 from fewstep.hub.scheduler import FewstepScheduler
+from fewstep.models.io import write_folder
 from fewstep.nets.diffusers_backbone import DiffusersBackbone
+from fewstep.outputs import EXPORT_KINDS, claim, mark
 
-FORMATS = ("fewstep", "diffusers", "lora")
+FORMATS = tuple(EXPORT_KINDS)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -67,7 +69,7 @@ def export_diffusers(student, out: str | Path, default_nfe: int | None = None) -
     scheduler = FewstepScheduler(student.denoiser.config(), sampling,
                                  default_nfe if default_nfe is not None else min(map(int, sampling)))
     pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-    _write_atomically(out, pipeline.save_pretrained)
+    _write_atomically(out, "diffusers", pipeline.save_pretrained)
 
 
 def add_lora(student, rank: int = 4, alpha: float | None = None,
@@ -94,24 +96,26 @@ def export_lora(student, out: str | Path) -> None:
         raise ConfigError("the student has no LoRA adapter to export; add one with fewstep.hub.add_lora "
                           "before distilling, or export --format diffusers")
     layers = get_peft_model_state_dict(unet)
-    _write_atomically(out, lambda folder: ConsistencyModelLoraPipeline.save_lora_weights(
+    _write_atomically(out, "lora", lambda folder: ConsistencyModelLoraPipeline.save_lora_weights(
         folder, unet_lora_layers=layers))
 
 
-def export_student(student, out: str | Path, format: str = "fewstep") -> None:
-    """Export ``student`` to ``out`` in one of :data:`FORMATS`."""
+def export_student(student, out: str | Path, format: str = "fewstep", overwrite: bool = False) -> None:
+    """Export ``student`` to ``out`` in one of :data:`FORMATS`; ``out`` must be new or empty, or (with
+    ``overwrite``) an export of the same format (:func:`fewstep.outputs.claim`)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    claim(out, EXPORT_KINDS[format], overwrite)
     {"fewstep": export_fewstep, "diffusers": export_diffusers, "lora": export_lora}[format](student, out)
 
 
-def _write_atomically(out: str | Path, write) -> None:
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def _write_atomically(out: str | Path, kind: str, write: Callable[[Path], object]) -> None:
+    """``write(folder)`` into a staging folder, marked as a fewstep ``kind``, that then replaces ``out``."""
+    out = claim(out, kind, overwrite=True)
+
+    def staged(folder: Path) -> None:
+        write(folder)
+        mark(folder, kind)
+
+    write_folder(out, staged)
 

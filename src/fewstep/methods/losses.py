@@ -31,6 +31,12 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"method_args.{key} must be one of {choices}, got {value!r}")
 
 
+def check_rate(key: str, value: float) -> None:
+    """Refuse ``method_args.<key>`` outside [0, 1] (an EMA rate, a probability)."""
+    if not 0 <= value <= 1:
+        raise ConfigError(f"method_args.{key} must be in [0, 1], got {value}")
+
+
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     """Per-sample ``sqrt(|a - b|^2 + c^2) - c``."""
     sq = (a - b).flatten(1).pow(2).sum(1)

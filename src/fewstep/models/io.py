@@ -11,8 +11,9 @@ A model folder holds two files:
      "path": "ve", "prediction": "edm", "time_convention": "c_noise = log(sigma) / 4",   # for readers
      ...caller metadata: "role", "dataset", "data_shape", "normalisation", "guidance", "sampling", "method"}
 
-Folders are written atomically: into a temporary sibling ``<name>.tmp`` which then replaces ``<name>``
-(see :func:`replace_folder`), so a crash never leaves a half-written model behind.
+Folders are written atomically: into a temporary sibling (:func:`fewstep.outputs.sibling`, a name only fewstep
+uses) which then replaces ``<name>`` (see :func:`replace_folder`), so a crash never leaves a half-written model
+behind. A folder holding anything but a fewstep model of the same role is refused (:func:`fewstep.outputs.claim`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fewstep.errors import CheckpointError
 from fewstep.models.denoiser import Denoiser, denoiser_from_config
 from fewstep.nets import BACKBONES, build_backbone
+from fewstep.outputs import claim, sibling
 
 FORMAT = "fewstep-model"
 VERSION = 1
@@ -39,7 +42,8 @@ RESERVED_KEYS = ("format", "version", "backbone", "denoiser", "path", "predictio
 
 
 def save_model(folder: str | Path, denoiser: Denoiser, metadata: dict) -> None:
-    """Write ``denoiser`` and ``metadata`` to ``folder`` (replacing it atomically if it exists).
+    """Write ``denoiser`` and ``metadata`` to ``folder`` (replacing it atomically if it holds a fewstep model of the
+    same ``metadata["role"]``; any other content is refused).
 
     ``denoiser`` must be a preconditioned network (:class:`EDMDenoiser`, :class:`ConsistencyDenoiser` or
     :class:`PathDenoiser`) around a backbone of :data:`fewstep.nets.BACKBONES`; ``metadata`` must be
@@ -62,27 +66,35 @@ def save_model(folder: str | Path, denoiser: Denoiser, metadata: dict) -> None:
     except (TypeError, ValueError) as error:
         raise ValueError(f"model metadata must be JSON-serialisable: {error}") from error
 
-    tmp = folder.with_name(folder.name + ".tmp")
+    claim(folder, metadata.get("role", "student"), overwrite=True)
+    write_folder(folder, lambda tmp: (
+        safetensors.torch.save_file(tensors_for_file(denoiser.state_dict()), tmp / WEIGHTS_FILE),
+        (tmp / CONFIG_FILE).write_text(text + "\n")))
+
+
+def write_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """Make ``folder`` hold what ``write(tmp)`` puts in a fresh staging folder, atomically: staged and synced in a
+    sibling only fewstep uses, then renamed into place (:func:`replace_folder`). Claim ``folder`` first."""
+    tmp = sibling(folder, "tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp)  # a staging folder a crashed write left: fewstep's own
     tmp.mkdir(parents=True)
     try:
-        safetensors.torch.save_file(tensors_for_file(denoiser.state_dict()), tmp / WEIGHTS_FILE)
-        (tmp / CONFIG_FILE).write_text(text + "\n")
+        write(tmp)
         sync_folder(tmp)
-        replace_folder(tmp, folder, folder.with_name(folder.name + ".prev"))
+        replace_folder(tmp, folder, sibling(folder, "prev"))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
-def load_model(folder: str | Path) -> tuple[Denoiser, dict]:
-    """Rebuild the denoiser saved in ``folder`` (on the CPU, in eval mode) and return it with its description
-    (the whole ``fewstep.json``). Any problem raises :class:`CheckpointError` naming the file and the fault."""
+def read_description(folder: str | Path) -> dict:
+    """The ``fewstep.json`` of a model folder, checked to be one this fewstep reads (format, version, a weights
+    file beside it); any problem raises :class:`CheckpointError` naming the file and the fault."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{folder} is not a fewstep model folder: it has no {CONFIG_FILE}")
     try:
@@ -95,22 +107,56 @@ def load_model(folder: str | Path) -> tuple[Denoiser, dict]:
     if description.get("version") not in range(1, VERSION + 1):
         raise CheckpointError(f"{config_path}: version {description.get('version')!r} is not one this fewstep "
                               f"reads (1..{VERSION})")
-    try:
-        backbone_spec, denoiser_config = description["backbone"], description["denoiser"]
-        backbone = build_backbone(backbone_spec["name"], **backbone_spec["hparams"])
-        denoiser = denoiser_from_config(backbone, denoiser_config)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{config_path}: cannot rebuild the model: {type(error).__name__}: "
-                              f"{one_line(error)}") from error
-    if not weights_path.is_file():
+    for key in ("role", "dataset", "method"):
+        if not isinstance(description.get(key, ""), str):
+            raise CheckpointError(f"{config_path}: {key} must be a string, got {description[key]!r}")
+    if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    return description
+
+
+def check_model_files(folder: str | Path) -> dict:
+    """:func:`read_description`, then the weights file's header checked against the model the description builds
+    (on the meta device: nothing is allocated, no weight is read). Returns the description."""
+    folder = Path(folder)
+    description = read_description(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    with torch.device("meta"):
+        expected = _build(description, config_path).state_dict()
+    try:
+        with safe_open(str(weights_path), framework="pt") as file:
+            shapes = {key: torch.empty(file.get_slice(key).get_shape(), device="meta") for key in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} is unreadable (truncated or corrupt?): {one_line(error)}") from error
+    check_state_fits(shapes, expected, f"{weights_path} does not match {CONFIG_FILE}")
+    return description
+
+
+def load_model(folder: str | Path) -> tuple[Denoiser, dict]:
+    """Rebuild the denoiser saved in ``folder`` (on the CPU, in eval mode) and return it with its description
+    (the whole ``fewstep.json``). Any problem raises :class:`CheckpointError` naming the file and the fault. The
+    weights' shapes are checked against the description on a model without memory (the meta device) before the
+    model is built, so a description that would allocate something else than the weights is refused first."""
+    folder = Path(folder)
+    description = check_model_files(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    denoiser = _build(description, config_path)
     try:
         weights = safetensors.torch.load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path} is unreadable (truncated or corrupt?): {one_line(error)}") from error
-    check_state_fits(weights, denoiser.state_dict(), f"{weights_path} does not match {CONFIG_FILE}")
     denoiser.load_state_dict(weights, strict=True)
     return denoiser.eval(), description
+
+
+def _build(description: dict, config_path: Path) -> Denoiser:
+    try:
+        backbone_spec, denoiser_config = description["backbone"], description["denoiser"]
+        backbone = build_backbone(backbone_spec["name"], **backbone_spec["hparams"])
+        return denoiser_from_config(backbone, denoiser_config)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{config_path}: cannot rebuild the model: {type(error).__name__}: "
+                              f"{one_line(error)}") from error
 
 
 def reading_of(denoiser_config: dict) -> dict:
@@ -149,15 +195,16 @@ def tensors_for_file(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def sync_folder(folder: Path) -> None:
-    """Flush every file in ``folder`` (and the folder itself) to disk before it is renamed into place."""
-    for path in folder.iterdir():
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Flush every file under ``folder`` (and the folders themselves) to disk before it is renamed into place."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(Path(root) / name, "rb") as file:
+                os.fsync(file.fileno())
+        descriptor = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def replace_folder(new: Path, target: Path, backup: Path) -> None:

@@ -10,6 +10,15 @@ from torch import Tensor, nn
 from fewstep.errors import DataError
 
 
+def check_sizes(owner: str, dropout: float, **sizes: tuple[int, int]) -> None:
+    """Refuse a size below its least value (``name=(value, least)``) or a dropout outside [0, 1), naming it."""
+    for name, (value, least) in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{owner} {name} must be an integer >= {least}, got {value!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{owner} dropout must be in [0, 1), got {dropout!r}")
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of a scalar time input followed by a two-layer MLP.
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from fewstep.nets.embeddings import (
     LabelEmbedding,
     TimeEmbedding,
+    check_sizes,
     condition_embedding,
     extra_condition_embedding,
 )
@@ -37,6 +38,8 @@ class MLP(nn.Module):
                  num_classes: int = 0, dropout: float = 0.0, extra_conditions: int = 0,
                  time_frequencies: tuple[float, float] = (1e-3, 1e2)):
         super().__init__()
+        check_sizes("MLP", dropout, width=(width, 1), emb_dim=(emb_dim, 1), depth=(depth, 0),
+                    num_classes=(num_classes, 0), extra_conditions=(extra_conditions, 0))
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "width": width, "depth": depth, "emb_dim": emb_dim,
                         "num_classes": num_classes, "dropout": dropout,

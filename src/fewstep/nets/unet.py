@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from fewstep.nets.embeddings import (
     LabelEmbedding,
     TimeEmbedding,
+    check_sizes,
     condition_embedding,
     extra_condition_embedding,
 )
@@ -45,6 +46,8 @@ class SmallUNet(nn.Module):
         super().__init__()
         if len(data_shape) != 3 or data_shape[1] % 2 or data_shape[2] % 2:
             raise ValueError(f"SmallUNet needs (C, H, W) with even H and W, got {tuple(data_shape)}")
+        check_sizes("SmallUNet", dropout, channels=(channels, 1), emb_dim=(emb_dim, 1), num_classes=(num_classes, 0),
+                    extra_conditions=(extra_conditions, 0))
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         self.hparams = {"data_shape": list(data_shape), "channels": channels, "emb_dim": emb_dim,
                         "num_classes": num_classes, "dropout": dropout,

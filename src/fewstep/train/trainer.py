@@ -31,7 +31,13 @@ Randomness: ``torch.manual_seed(seed)`` (global RNG, e.g. dropout), a CPU genera
 All three are checkpointed, so a run split by a resume is bitwise equal to an uninterrupted one, provided
 all state lives where the checkpoint sees it: the method's ``state_dict`` (parameters, buffers, and
 ``get_extra_state`` for JSON-serialisable non-tensor state) and, for a source with state of its own (e.g. its
-position in an epoch), the source's optional ``state_dict()`` / ``load_state_dict(state)``.
+position in an epoch), the source's optional ``state_dict()`` / ``load_state_dict(state)``. The values of the
+log window not yet written are checkpointed too, so the resumed run's ``log.csv`` equals an uninterrupted run's
+(but for ``seconds``).
+
+Safety of a run directory (see :func:`train`): one run at a time holds it (``run_dir/.lock``); a resume refuses a
+checkpoint trained under other settings unless told to allow them; Ctrl-C finishes the running step, checkpoints
+it and then raises KeyboardInterrupt, so an interrupted run loses no finished step.
 
 Scale (see :mod:`fewstep.train.parallel` and :mod:`fewstep.train.memory`):
 
@@ -72,8 +78,13 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +95,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
+from fewstep.locks import lock_folder
 from fewstep.methods.base import Phase
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import check_state_fits, one_line
@@ -117,6 +129,7 @@ MIXED = ("no", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
 LR_SCHEDULES = ("constant", "cosine")
 IDLE = "idle"  # logged per phase: the share of its updates in the window that were idle (no gradient)
+FREE_SETTINGS = ("steps", "max_seconds", "log_every", "checkpoint_every")  # may change between legs of a run
 
 
 class Trainable(Protocol):
@@ -228,7 +241,8 @@ class TrainResult:
 
 
 def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = True, progress: bool = True, monitors: tuple[Monitor, ...] = ()) -> TrainResult:
+          resume: bool = True, *, allow_changes: bool = False, progress: bool = True,
+          monitors: tuple[Monitor, ...] = ()) -> TrainResult:
     """Train ``method`` on batches from ``source`` (anything with ``batch(batch_size, generator)`` and
     ``teacher_evals``; see :mod:`fewstep.data.sources`).
 
@@ -236,11 +250,34 @@ def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | 
     on the live student every ``monitor.every`` steps, as phase ``monitor``, ``monitor1``, ...), ``memory.json``
     and, when tensorboard is installed, ``tensorboard/``; with ``resume`` an existing checkpoint is continued (also
     under another process count). A non-finite loss or weight raises :class:`TrainingDiverged` without
-    checkpointing the bad state. In a multi-process run every process calls this with the same arguments."""
+    checkpointing the bad state. In a multi-process run every process calls this with the same arguments.
+
+    The run holds ``run_dir/.lock`` throughout (:func:`fewstep.locks.lock_folder`, taken by rank 0): a second run
+    on the folder raises :class:`ConfigError`. Resuming refuses a checkpoint trained under other settings (the
+    ``TrainConfig`` but :data:`FREE_SETTINGS`, ``steps`` also when ``lr_schedule`` is ``"cosine"`` since the
+    schedule spans it, and the method's ``config`` dataclass) with :class:`ConfigError`; ``allow_changes``
+    continues anyway and logs the changes (a ``log.csv`` row of phase ``resume``). Ctrl-C (SIGINT, caught in the
+    main thread while this runs) lets the running step finish, checkpoints it and raises KeyboardInterrupt, so no
+    finished step is lost; a second Ctrl-C raises at once. With SIGINT ignored (``SIG_IGN``) it stays ignored."""
     accelerator = accelerator_for(config.device)
+    run_dir = None if run_dir is None else Path(run_dir)
+    with ExitStack() as stack:
+        if run_dir is not None:
+            _lock(stack, run_dir, f"fewstep training {type(method).__name__}", accelerator)
+        interrupt = stack.enter_context(_catch_interrupts(run_dir is not None and accelerator.is_main_process))
+        result = _train(method, source, config, run_dir, resume, allow_changes, progress, monitors, accelerator,
+                        interrupt)
+        if interrupt.requested:  # after the last step boundary: the run is complete and checkpointed
+            raise KeyboardInterrupt
+    return result
+
+
+def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None, resume: bool, allow_changes: bool,
+           progress: bool, monitors: tuple[Monitor, ...], accelerator: Accelerator,
+           interrupt: _Interrupt) -> TrainResult:
+    """:func:`train` inside its lock and SIGINT handler."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    run_dir = None if run_dir is None else Path(run_dir)
     if config.distributed == "fsdp" and method.fsdp_refusal:
         raise ConfigError(f"train.distributed=fsdp: {type(method).__name__} cannot be sharded: "
                           f"{method.fsdp_refusal}; use train.distributed=ddp")
@@ -266,19 +303,26 @@ def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | 
         raise ValueError(f"{type(method).__name__}.phases() must have distinct names")
     optimizers = {name: _optimizer(phase, config) for name, phase in phases.items()}  # lr is set every step
 
-    start, seconds_before, evals_before, last_good = 0, 0.0, 0, None
+    start, seconds_before, evals_before, last_good, changes = 0, 0.0, 0, None, []
+    window: dict[str, dict[str, list[float]]] = {}  # the log window's values so far, by phase and loss name
     if run_dir is not None and resume and checkpoint_folder(run_dir) is not None:
         checkpoint = load_checkpoint(run_dir)
+        changes = _check_settings(checkpoint, method, config, allow_changes)
         seconds_before, evals_before = _restore(checkpoint, method, source, ema, optimizers, generators, config,
                                                 rank, world)
         start, last_good = checkpoint.step, (checkpoint.step, checkpoint.folder)
+        window = checkpoint.state.get("log_window", {})
     evals_at_start = method.teacher_evals
 
     log = CSVLog(run_dir / "log.csv", keep_until_step=start) if run_dir is not None and main else None
+    if changes and main:
+        tqdm.write(f"resuming {run_dir} at step {start} under changed settings: {', '.join(changes)}")
+        if log is not None:
+            log.append([{"step": start, "phase": "resume", "changed": ", ".join(changes),
+                         "seconds": round(seconds_before, 3)}])
     writer = _tensorboard_writer(run_dir) if run_dir is not None and main else None
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), unit="step",
                desc=type(method).__name__)
-    window: dict[str, dict[str, list[float]]] = {}
     last_losses: dict[str, float] = {}
     started = time.perf_counter()
     done, stopped_early = start, False
@@ -316,7 +360,7 @@ def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | 
 
     def save() -> tuple[int, Path]:
         return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(),
-                           teacher_evals(), device, main)
+                           teacher_evals(), window, device, main)
 
     try:
         for step in range(start, config.steps):
@@ -348,8 +392,14 @@ def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | 
             if world > 1:
                 out_of_time = rank0_decides(out_of_time, device)
             stopped_early = out_of_time and done < config.steps
-            if run_dir is not None and (done % config.checkpoint_every == 0 or stopped_early):
+            interrupted = rank0_decides(interrupt.requested, device) if world > 1 else interrupt.requested
+            if run_dir is not None and (done % config.checkpoint_every == 0 or stopped_early or interrupted):
                 last_good = save()
+            if interrupted:
+                if main:
+                    saved = f": checkpointed in {last_good[1]}" if run_dir is not None else ""
+                    bar.write(f"interrupted at step {done} of {config.steps}{saved}")
+                raise KeyboardInterrupt
             if stopped_early:
                 bar.write(f"stopped early at step {done} of {config.steps}: max_seconds={config.max_seconds} reached")
                 break
@@ -369,6 +419,96 @@ def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | 
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
         stopped_early=stopped_early, teacher_evals=teacher_evals() + int(source.teacher_evals),
         checkpoint=None if last_good is None else last_good[1])
+
+
+def _lock(stack: ExitStack, run_dir: Path, what: str, accelerator: Accelerator) -> None:
+    """Rank 0 locks ``run_dir`` until ``stack`` closes; every process raises :class:`ConfigError` if it could not."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(lock_folder(run_dir, what))
+        except (ConfigError, OSError) as error:  # raised after the other processes know, or they would wait
+            refusal = error
+    refused = refusal is not None
+    if accelerator.num_processes > 1:
+        refused = rank0_decides(refused, accelerator.device)
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise ConfigError(f"{run_dir} is in use by another run: process 0 could not lock it (its error says by whom)")
+
+
+class _Interrupt:
+    """The SIGINT handler while :func:`train` runs: the first signal sets ``requested`` (the loop checkpoints at the
+    next step boundary, then raises KeyboardInterrupt); a second raises KeyboardInterrupt at once."""
+
+    def __init__(self, saves: bool):
+        self.requested = False
+        self.saves = saves
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        then = "checkpoint it and stop" if self.saves else "stop"
+        with suppress(OSError):  # os.write, not print: the handler may run in the middle of a write to stderr
+            os.write(2, f"\nfewstep: interrupted: finishing the current step to {then}; Ctrl-C again stops at "
+                     f"once\n".encode())
+
+
+@contextmanager
+def _catch_interrupts(saves: bool) -> Iterator[_Interrupt]:
+    """Handle SIGINT with an :class:`_Interrupt` for the ``with`` block, in the main thread (signal handlers can
+    only be set there) and unless SIGINT is ignored; the previous handler is restored afterwards."""
+    interrupt = _Interrupt(saves)
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield interrupt
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield interrupt
+    finally:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def _settings(method: nn.Module, config: TrainConfig) -> dict:
+    """What a checkpoint records of the settings it was trained under: ``config`` and the method's ``config``
+    dataclass, if it has one (less a ``TrainConfig`` nested in it, as in teacher training: that is ``config``)."""
+    settings = {"config": asdict(config)}
+    method_config = getattr(method, "config", None)
+    if is_dataclass(method_config) and not isinstance(method_config, type):
+        settings["method_config"] = {key: value for key, value in asdict(method_config).items()
+                                     if not isinstance(getattr(method_config, key), TrainConfig)}
+    return settings
+
+
+def _flat(settings: dict) -> dict[str, object]:
+    """A checkpoint's settings as ``train.<field>`` and ``method_args.<field>`` (nested fields joined by dots)."""
+    def flat(value, name: str) -> dict[str, object]:
+        if not isinstance(value, dict):
+            return {name: value}
+        return {key: v for field, item in value.items() for key, v in flat(item, f"{name}.{field}").items()}
+
+    return flat(settings.get("config", {}), "train") | flat(settings.get("method_config", {}), "method_args")
+
+
+def _check_settings(checkpoint: Checkpoint, method: nn.Module, config: TrainConfig, allow_changes: bool) -> list[str]:
+    """The settings that differ from those ``checkpoint`` was trained under, as ``key old -> new`` (only what
+    both record is compared); a checkpoint of another method raises :class:`CheckpointError`, and changes other
+    than :data:`FREE_SETTINGS` raise :class:`ConfigError` unless ``allow_changes``."""
+    folder, state = checkpoint.folder, checkpoint.state
+    if state.get("method") != type(method).__name__:
+        raise CheckpointError(f"{folder} was written by method {state.get('method')!r}, not "
+                              f"{type(method).__name__!r}: use another run directory or resume=False")
+    free = {f"train.{name}" for name in FREE_SETTINGS if name != "steps" or config.lr_schedule != "cosine"}
+    old, new = _flat(state), _flat(json.loads(json.dumps(_settings(method, config))))
+    changes = [f"{key} {old[key]!r} -> {new[key]!r}" for key in old
+               if key in new and key not in free and old[key] != new[key]]
+    if changes and not allow_changes:
+        raise ConfigError(f"{folder} was trained under other settings ({', '.join(changes)}): use another run dir, "
+                          f"or pass allow_changes=True (fewstep distill --resume-changed) to continue under the new "
+                          f"settings")
+    return changes
 
 
 def _watch(monitor: Monitor, step: int, student: Denoiser, method: nn.Module) -> dict[str, float]:
@@ -485,11 +625,13 @@ def _process_rng(generators: dict[str, torch.Generator], device: torch.device) -
 
 def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
           optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-          config: TrainConfig, seconds: float, teacher_evals: int, device: torch.device, main: bool) -> Path:
+          config: TrainConfig, seconds: float, teacher_evals: int, log_window: dict, device: torch.device,
+          main: bool) -> Path:
     """Checkpoint tensors as ``method.*``, ``ema.*`` and ``source.*``; non-tensor entries of the method's and
-    the source's state go to ``state.json`` and must be JSON-serialisable, with the training seconds and the
-    method's teacher evaluations so far. Every process takes part (their generator states are gathered); rank 0
-    writes."""
+    the source's state go to ``state.json`` and must be JSON-serialisable, as must the method's ``config``
+    (:func:`_settings`), with the training seconds, the method's teacher evaluations so far and the values of
+    the unfinished log window (so a resumed run logs the same means). Every process takes part (their generator
+    states are gathered); rank 0 writes."""
     process_rng = _process_rng(generators, device)
     ranks = gather(process_rng) if torch.distributed.is_initialized() else [process_rng]
     method_state, ema_state = full_state(method.state_dict()), full_state(ema.state_dict())  # every process
@@ -504,7 +646,7 @@ def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
     rng = {"data": encode_rng_state(generators["data"].get_state()), "ranks": ranks}
     state = {"method": type(method).__name__, "seconds": seconds, "teacher_evals": teacher_evals, "rng": rng,
-             "config": asdict(config),
+             **_settings(method, config), "log_window": log_window,
              "num_processes": len(ranks), "method_extra": method_extra, "source_extra": source_extra}
     return save_checkpoint(run_dir, step, tensors, optimizer_states, state)
 
@@ -518,14 +660,11 @@ def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
 def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
              optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
              config: TrainConfig, rank: int, world: int) -> tuple[float, int]:
-    """Load a checkpoint into the method, EMA, optimizers and generators; returns its training seconds and the
-    method's teacher evaluations up to it.
+    """Load a checkpoint (of this method, see :func:`_check_settings`) into the method, EMA, optimizers and
+    generators; returns its training seconds and the method's teacher evaluations up to it.
     A checkpoint from another process count restores everything but this process's own generators, which are
     re-seeded from ``(seed, rank, step)``."""
     folder, state = checkpoint.folder, checkpoint.state
-    if state.get("method") != type(method).__name__:
-        raise CheckpointError(f"{folder} was written by method {state.get('method')!r}, not "
-                              f"{type(method).__name__!r}: use another run directory or resume=False")
     tensors = {prefix: {k.removeprefix(f"{prefix}."): v for k, v in checkpoint.tensors.items()
                         if k.startswith(f"{prefix}.")} for prefix in ("method", "ema", "source")}
     check_state_fits(tensors["method"], _split_tensors(method.state_dict())[0],
@@ -599,8 +738,11 @@ class CSVLog:
             return list(csv.DictReader(file))
 
     def _rewrite(self, rows: list[dict]) -> None:
+        """Replace the file by renaming a new one into place, so a process killed meanwhile loses no rows."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as file:
+        tmp = self.path.with_name(f"{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as file:
             writer = csv.DictWriter(file, self.fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.path)

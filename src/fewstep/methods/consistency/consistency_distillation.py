@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
-from fewstep.methods.losses import DISTANCES, check_choice, default_huber_c, distance, ema_update_, multistep_sigmas
+from fewstep.methods.losses import (
+    DISTANCES,
+    check_choice,
+    check_rate,
+    default_huber_c,
+    distance,
+    ema_update_,
+    multistep_sigmas,
+)
 from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, heun_step, karras_sigmas
@@ -57,6 +65,7 @@ class ConsistencyDistillation(DistillationMethod):
     def __init__(self, teacher: Denoiser, student: Denoiser, config: CDConfig):
         super().__init__(teacher, student, config)
         check_choice("distance", config.distance, DISTANCES)
+        check_rate("target_ema", config.target_ema)
         if config.num_scales < 2:
             raise ConfigError(f"method_args.num_scales must be >= 2, got {config.num_scales}")
         self.target = copy.deepcopy(student).requires_grad_(False)

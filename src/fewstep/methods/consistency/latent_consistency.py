@@ -48,6 +48,7 @@ from fewstep.methods.losses import (
     DISTANCES,
     ODE_STEPS,
     check_choice,
+    check_rate,
     default_huber_c,
     distance,
     ema_update_,
@@ -88,6 +89,7 @@ class LatentConsistency(DistillationMethod):
         guided = teacher if isinstance(teacher, GuidedDenoiser) else GuidedDenoiser(innermost(teacher))
         super().__init__(guided, student, config)
         check_choice("distance", config.distance, DISTANCES)
+        check_rate("target_ema", config.target_ema)
         check_choice("teacher_solver", config.teacher_solver, ODE_STEPS)
         check_choice("guidance_convention", config.guidance_convention, CONVENTIONS)
         if not 1 <= config.skip <= config.num_scales - 1:

@@ -46,6 +46,7 @@ from fewstep.methods.losses import (
     DISTANCES,
     ODE_STEPS,
     check_choice,
+    check_rate,
     default_huber_c,
     distance,
     ema_update_,
@@ -78,6 +79,7 @@ class PhasedConsistency(DistillationMethod):
     def __init__(self, teacher: Denoiser, student: Denoiser, config: PCMConfig):
         super().__init__(teacher, student, config)
         check_choice("distance", config.distance, DISTANCES)
+        check_rate("target_ema", config.target_ema)
         check_choice("teacher_solver", config.teacher_solver, ODE_STEPS)
         for key in ("phases", "steps_per_phase"):
             if getattr(config, key) < 1:

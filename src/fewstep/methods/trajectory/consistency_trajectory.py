@@ -46,6 +46,7 @@ from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backb
 from fewstep.methods.losses import (
     DISTANCES,
     check_choice,
+    check_rate,
     default_huber_c,
     distance,
     edm_weight,
@@ -83,6 +84,7 @@ class ConsistencyTrajectory(DistillationMethod):
     def __init__(self, teacher: Denoiser, student: TwoTimeDenoiser, config: CTMConfig):
         super().__init__(teacher, student, config)
         check_choice("distance", config.distance, DISTANCES)
+        check_rate("target_ema", config.target_ema)
         if config.num_scales < 2:
             raise ConfigError(f"method_args.num_scales must be >= 2, got {config.num_scales}")
         if config.teacher_steps < 1:

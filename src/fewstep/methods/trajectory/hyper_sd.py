@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
-from fewstep.methods.losses import DISTANCES, check_choice, default_huber_c, distance, ema_update_
+from fewstep.methods.losses import DISTANCES, check_choice, check_rate, default_huber_c, distance, ema_update_
 from fewstep.models.denoiser import Denoiser, EDMDenoiser
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, heun_step, karras_sigmas
@@ -86,6 +86,7 @@ class HyperSD(DistillationMethod):
     def __init__(self, teacher: Denoiser, student: Denoiser, config: HyperSDConfig):
         super().__init__(teacher, student, config)
         check_choice("distance", config.distance, DISTANCES)
+        check_rate("target_ema", config.target_ema)
         start = config.start_segments
         if start < 1 or start & (start - 1):
             raise ConfigError(f"method_args.start_segments must be a power of two, got {start}")

@@ -77,7 +77,7 @@ class ProgressiveDistillation(DistillationMethod):
         defaults = PDConfig()
         rounds = cls.halvings(args.get("start_steps", defaults.start_steps), args.get("final_steps",
                                                                                        defaults.final_steps))
-        return {"steps_per_round": max(1, steps // rounds)}
+        return {"steps_per_round": max(1, steps // max(rounds, 1))}  # __init__ refuses a start with no rounds
 
     @property
     def student_steps(self) -> int:
