@@ -311,6 +311,12 @@ def test_unknown_commands_are_one_line(argv, workspace, capsys, monkeypatch):
     refused(argv, workspace, capsys, monkeypatch)
 
 
+@pytest.mark.parametrize("value", ["0", "two", "-3"])
+def test_a_bad_thread_count_is_refused_before_any_work(value, workspace, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_THREADS", value)
+    assert "FEWSTEP_THREADS" in refused(["distill", RING_CD, "out=fresh"], workspace, capsys, monkeypatch)
+
+
 KEYS = ["train.steps", "train.lr", "train.batch_size", "train.ema_decay", "train.grad_clip", "train.warmup_steps",
         "eval.n_samples", "eval.seed", "teacher.guidance_scale", "method_args.num_scales", "method_args.target_ema"]
 BAD_VALUES = st.one_of(st.sampled_from(["-1", "0.0.1", ".nan", "-.inf", "[1, 2]", "{a: 1}", "'text'", "1e400",
@@ -331,5 +337,6 @@ def test_random_bad_overrides_are_refused_before_any_work(key, value, workspace,
 def test_the_suite_covers_every_command_with_over_a_hundred_cases():
     counts = {"demo": len(DEMO_CASES), "distill": len(DISTILL_CASES), "teacher train": len(TEACHER_TRAIN_CASES),
               "sample": len(SAMPLE_CASES), "eval": len(EVAL_CASES), "bench": len(BENCH_CASES),
-              "export": len(EXPORT_CASES), "levels": len(LEVELS_CASES), "unknown command": 4}
+              "export": len(EXPORT_CASES), "levels": len(LEVELS_CASES), "unknown command": 4,
+              "FEWSTEP_THREADS": 3}
     assert sum(counts.values()) >= 100 and all(counts.values())

@@ -31,6 +31,7 @@ from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
 from fewstep.models.denoiser import CountingDenoiser, Denoiser, fingerprint
 from fewstep.solvers import TEACHER_SOLVERS, solve
+from fewstep.threads import share_cpu
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -163,6 +164,7 @@ class TeacherPairs:
         endpoints = []
         with tqdm(total=num_pairs, desc=f"teacher pairs ({solver}@{nfe})", unit="pair", disable=not progress) as bar:
             for start in range(0, num_pairs, chunk):
+                share_cpu()
                 noise_chunk = noise[start:start + chunk].to(device)
                 cond = None if labels is None else labels[start:start + chunk].to(device)
                 with torch.no_grad():

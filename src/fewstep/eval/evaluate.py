@@ -31,6 +31,7 @@ from fewstep.errors import ConfigError, DataError
 from fewstep.eval import digits, toy
 from fewstep.eval.speed import peak_memory, time_sampler
 from fewstep.solvers import DEFAULT_TEACHER_NFE, ode_endpoint
+from fewstep.threads import share_cpu
 
 if TYPE_CHECKING:
     from fewstep.student import Student
@@ -99,6 +100,7 @@ def evaluate(dataset: DatasetSpec, candidates: list[Candidate], n_samples: int |
     timing_labels = labels_on_device[:batch] if labels_on_device is not None else None
     results = []
     for candidate in tqdm(candidates, desc=f"evaluate {dataset.name}", disable=not progress):
+        share_cpu()
         with torch.no_grad():
             samples = candidate.draw(noise_on_device, labels_on_device, sampler_generator())
         if not isinstance(samples, Tensor) or samples.shape != noise.shape:

@@ -99,6 +99,7 @@ from fewstep.locks import lock_folder
 from fewstep.methods.base import Phase
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import check_state_fits, one_line
+from fewstep.threads import share_cpu
 from fewstep.train.checkpoint import (
     Checkpoint,
     checkpoint_folder,
@@ -364,6 +365,7 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
 
     try:
         for step in range(start, config.steps):
+            share_cpu()
             for name in list(phases):
                 for group in optimizers[name].param_groups:
                     group["lr"] = config.lr * phases[name].lr_scale * lr_factor(step, config)
