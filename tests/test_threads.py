@@ -68,3 +68,11 @@ def test_explicit_count_turns_the_policy_off(monkeypatch, restore_threads):
     share = threads._Share()
     share.start()
     assert not share.enabled and torch.get_num_threads() == 1
+
+
+def test_a_restart_keeps_pytorchs_own_count_as_the_ceiling(monkeypatch, restore_threads):
+    share = fed_share(monkeypatch, [(0.0, 0, 0, 0), (1.0, 200, 200, 100), (1.5, 200, 200, 100)])
+    share.update()
+    assert torch.get_num_threads() == 1
+    share.start()  # a second command in the same process, while the load lowered the count
+    assert share.enabled and share.ceiling == 2

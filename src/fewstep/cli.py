@@ -17,7 +17,7 @@ import torch
 from fewstep.data import DATASETS
 from fewstep.errors import ConfigError, FewstepError
 from fewstep.teachers import TEACHER_TRAINING_STEPS
-from fewstep.threads import fixed_threads
+from fewstep.threads import start_sharing
 
 DEMO_OUT = "runs/demo"
 MAX_SAMPLES = 200_000  # the most samples one command draws at once
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        fixed_threads()  # a bad FEWSTEP_THREADS is refused before any work
+        start_sharing()  # FEWSTEP_THREADS applied (a bad value refused) before any work
         args.handler(args)
     except FewstepError as error:
         print(f"fewstep: error: {one_line(error)}", file=sys.stderr)

@@ -48,6 +48,7 @@ class _Share:
     def __init__(self):
         self.started = False
         self.enabled = True
+        self.initial: int | None = None  # PyTorch's own count, before fewstep changed it
         self.ceiling = 1
         self.cpus: set[str] = set()
         self.last: tuple[float, int, int, int] | None = None  # (time, busy ticks, all ticks, own ticks)
@@ -55,6 +56,8 @@ class _Share:
 
     def start(self) -> None:
         self.started = True
+        if self.initial is None:
+            self.initial = torch.get_num_threads()
         fixed = fixed_threads()
         if fixed is not None:
             torch.set_num_threads(fixed)
@@ -63,7 +66,7 @@ class _Share:
             return
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
         self.cpus = {f"cpu{index}" for index in allowed}
-        self.ceiling = max(1, min(torch.get_num_threads(), len(self.cpus)))
+        self.ceiling = max(1, min(self.initial, len(self.cpus)))
         self.threads = torch.get_num_threads()
         self.last = self.read()
         self.enabled = self.last is not None and self.ceiling > 1
@@ -110,10 +113,16 @@ class _Share:
 _share = _Share()
 
 
+def start_sharing() -> None:
+    """(Re)start the policy: apply ``FEWSTEP_THREADS`` (a bad value raises :class:`ConfigError`) or take the first
+    reading. A command calls it before any work; :func:`share_cpu` calls it the first time otherwise."""
+    _share.start()
+
+
 def share_cpu() -> None:
     """Between steps of long work: at most once a second, set PyTorch's threads to the cores other processes
     leave idle (see the module docstring). Costs a clock read otherwise."""
     if not _share.started:
-        _share.start()
+        start_sharing()
     elif _share.enabled and time.monotonic() - _share.last[0] >= CHECK_EVERY_SECONDS:
         _share.update()
