@@ -273,7 +273,3 @@ def describe_methods() -> str:
     rows += [f"{m.name:<9} {m.family:<12} {'+'.join(sorted(m.needs)):<14} {m.paper}" for m in METHODS.values()]
     rows += ["", "needs:"] + [f"  {k:<14} {v}" for k, v in NEEDS.items()]
     return "\n".join(rows)
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

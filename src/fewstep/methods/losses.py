@@ -81,11 +81,6 @@ def ode_step(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, s: Tensor, 
     return step(denoise, x, s, s_next)
 
 
-def ode_step_cost(solver: str) -> int:
-    """Teacher evaluations of one :func:`ode_step`."""
-    return 2 if solver == "heun" else 1
-
-
 def same_eps_pair(x0: Tensor, s_hi: Tensor, s_lo: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(x0 + s_hi eps, x0 + s_lo eps)`` with one shared ``eps``: consistency training's teacher-free ODE step."""
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

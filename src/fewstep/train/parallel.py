@@ -33,13 +33,6 @@ from torch.distributed.tensor import DTensor
 from fewstep.errors import ConfigError, FewstepError
 
 
-def rank_and_size() -> tuple[int, int]:
-    """``(rank, world size)`` of this process; ``(0, 1)`` outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def average_gradients(parameters: list[nn.Parameter]) -> None:
     """Replace each gradient by its mean over all processes (parameters without a gradient are skipped; every
     process runs the same code, so they agree on which those are)."""
