@@ -16,6 +16,7 @@ from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
 from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
+from fewstep.outputs import claim
 from fewstep.teachers import TEACHER_TRAINING_STEPS
 
 STEPS, BATCH = 30, 64
@@ -316,3 +317,21 @@ def test_mixture_tables_show_each_methods_per_mode_weight_error(bench_run):
                for row in rows if row.get("mode_balance") is not None)
     text = (out / "BENCHMARKS.md").read_text()
     assert "| mode weights TV | worst mode weight |" in text
+
+
+def test_an_interrupted_bench_resumes_into_its_folder(recipe_dir, tmp_path, monkeypatch):
+    """The folder is marked as a bench before its first cell, so a bench killed mid-way is resumed, not refused."""
+    import fewstep.bench.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runner, "run_cell", interrupted)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([tiny_suite(recipe_dir)], out, {"cd": ConsistencyDistillation}, progress=False)
+    assert (out / "cells" / "ring8" / "teacher_sweep.json").is_file()
+    assert claim(out, "bench") == out
+    with pytest.raises(ConfigError, match="fewstep bench, not a run"):
+        claim(out, "run")

@@ -47,6 +47,7 @@ from fewstep.eval.plots import compare_grids, quality_vs_nfe, scatter_2d
 from fewstep.methods import METHODS
 from fewstep.methods.base import DistillationMethod
 from fewstep.models.io import one_line
+from fewstep.outputs import mark
 from fewstep.pipeline import distill, steps_for_budget
 from fewstep.run import machine, resolve_teacher
 from fewstep.solvers import DEFAULT_TEACHER_NFE
@@ -79,6 +80,7 @@ def run_bench(suites: list[Suite], out: str | Path, methods: dict[str, type[Dist
     methods = dict(METHODS) if methods is None else methods
     _check_suites(suites, methods)
     out = Path(out)
+    mark(out, "bench")  # before the first cell, so an interrupted bench resumes into the same folder
     measured = []
     bar = tqdm(total=len(suites) * (1 + len(methods)), desc="bench", unit="cell", disable=not progress)
     try:
@@ -113,6 +115,7 @@ def run_bench(suites: list[Suite], out: str | Path, methods: dict[str, type[Dist
     report["wall_seconds"] = time.perf_counter() - started
     write_json(report, json_path if json_path is not None else out / "benchmarks.json")
     atomic_write(out / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(benchmarks_markdown(report, measured)))
+    mark(out, "bench")
     return report
 
 
