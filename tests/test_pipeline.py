@@ -58,8 +58,9 @@ def test_the_counted_teacher_evaluations_equal_the_real_calls_for_every_method(n
     equals what the teacher's own forward saw. No method counts by hand."""
     teacher = Teacher.analytic("ring8")
     distiller = build_method(teacher, name, {}, SMALL, steps=4)
+    source = method_source(distiller, teacher, progress=False)  # teacher pairs: charged to the source, not here
     seen = real_samples(teacher)
-    batch = method_source(distiller, teacher, progress=False).batch(16, torch.Generator().manual_seed(0))
+    batch = source.batch(16, torch.Generator().manual_seed(0))
     for step in (0, 3):  # rCM's DMD term starts after the warm-up
         for phase in distiller.phases():
             for _ in range(phase.updates):

@@ -11,12 +11,9 @@ from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
 from fewstep.methods.consistency.continuous_consistency import SCD
-from fewstep.methods.consistency.score_regularized_consistency import (
-    RCMConfig,
-    ScoreRegularizedConsistency,
-    dmd_direction,
-)
+from fewstep.methods.consistency.score_regularized_consistency import RCMConfig, ScoreRegularizedConsistency
 from fewstep.methods.losses import edm_weight
+from fewstep.methods.scores import dmd_direction
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
 

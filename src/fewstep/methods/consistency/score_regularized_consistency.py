@@ -46,10 +46,15 @@ from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase
 from fewstep.methods.consistency.continuous_consistency import SCD, SCMConfig
-from fewstep.methods.losses import edm_weight
+from fewstep.methods.scores import (
+    dmd_direction,
+    fake_score_loss,
+    generate,
+    noised,
+    pseudo_target_loss,
+    shifted_sigma,
+)
 from fewstep.models.denoiser import Denoiser
-from fewstep.paths import bcast
-from fewstep.solvers import SIGMA_MAX, sample_consistency
 
 
 @dataclass
@@ -60,12 +65,6 @@ class RCMConfig(SCMConfig):
     fake_updates: int = 1
     fake_lr_scale: float = 1.0
     max_generation_steps: int = 2
-
-
-def dmd_direction(x_generated: Tensor, real: Tensor, fake: Tensor) -> Tensor:
-    """DMD's normalised gradient ``(fake - real) / mean_D |x_G - real|`` per sample (float64-safe)."""
-    scale = (x_generated - real).abs().flatten(1).mean(1).clamp(min=1e-8)
-    return (fake - real) / bcast(scale, fake)
 
 
 class ScoreRegularizedConsistency(SCD):
@@ -95,51 +94,33 @@ class ScoreRegularizedConsistency(SCD):
                       self.config.fake_lr_scale), *super().phases()]
 
     def dmd_sigma(self, batch: int, generator: torch.Generator, like: Tensor) -> Tensor:
-        """Noise levels of the DMD term: ``sigma_d s / (1 - s)`` with ``s`` the shifted uniform draw."""
-        u = 0.02 + 0.96 * torch.rand(batch, generator=generator, device=like.device).to(like.dtype)
-        a = self.config.dmd_shift
-        s = a * u / (1 + (a - 1) * u)
-        return (self.sigma_data * s / (1 - s)).clamp(max=SIGMA_MAX)
+        return shifted_sigma(batch, generator, like, self.config.dmd_shift, self.sigma_data)
 
     def generate(self, batch: int, cond, generator: torch.Generator, like: Tensor) -> Tensor:
-        """Student samples with ``k ~ U{1..max_generation_steps}`` consistency steps on its own levels
-        (:func:`~fewstep.solvers.sample_consistency` down to the last level, then one network call that records
-        gradients when they are enabled)."""
+        """Student samples with ``k ~ U{1..max_generation_steps}`` consistency steps on its own levels, gradient
+        through the last network call only (:func:`~fewstep.methods.scores.generate`)."""
         k = 1 + int(torch.randint(self.config.max_generation_steps, (1,), generator=generator, device=like.device))
-        levels = self.sampling(k).sigmas
-        x = levels[0] * torch.randn((batch, *like.shape[1:]), generator=generator, device=like.device,
-                                    dtype=like.dtype)
-        if k > 1:
-            x0 = sample_consistency(lambda y, s: self.student(y, s, cond), x, torch.tensor(levels[:-1]), generator)
-            x = x0 + levels[-1] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.student(x, torch.full((batch,), levels[-1], device=x.device, dtype=x.dtype), cond)
+        noise = torch.randn((batch, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+        return generate(self.student, noise, self.sampling(k).sigmas, cond, generator)
 
     def losses(self, phase: str, batch: Batch, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         if phase == "fake_score":
-            return self.fake_score_loss(batch, generator)
+            with torch.no_grad():
+                x_generated = self.generate(batch.x0.shape[0], batch.cond, generator, batch.x0)
+            sigma = self.dmd_sigma(batch.x0.shape[0], generator, batch.x0)
+            return {"loss": fake_score_loss(self.fake_score, x_generated, sigma, batch.cond, generator,
+                                            self.sigma_data)}
         losses = super().losses(phase, batch, step, generator)
         if step < self.dmd_start or self.config.dmd_weight == 0:
             return losses
         dmd = self.dmd_loss(batch, generator)
         return {**losses, "loss": losses["loss"] + self.config.dmd_weight * dmd, "dmd": dmd.detach()}
 
-    def fake_score_loss(self, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
-        like, cond = batch.x0, batch.cond
-        with torch.no_grad():
-            x_generated = self.generate(like.shape[0], cond, generator, like)
-        sigma = self.dmd_sigma(like.shape[0], generator, like)
-        noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-        x = x_generated + bcast(sigma, like) * noise
-        error = (self.fake_score(x, sigma, cond) - x_generated).flatten(1).pow(2).mean(1)
-        return {"loss": (edm_weight(sigma, self.sigma_data) * error).mean()}
-
     def dmd_loss(self, batch: Batch, generator: torch.Generator) -> Tensor:
         like, cond = batch.x0, batch.cond
         x_generated = self.generate(like.shape[0], cond, generator, like)
         sigma = self.dmd_sigma(like.shape[0], generator, like)
         with torch.no_grad():
-            noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-            x = x_generated + bcast(sigma, like) * noise
-            real, fake = self.teacher(x, sigma, cond), self.fake_score(x, sigma, cond)
-            target = x_generated - dmd_direction(x_generated, real, fake)
-        return 0.5 * (x_generated - target).flatten(1).pow(2).mean(1).mean()
+            x = noised(x_generated, sigma, generator)
+            direction = dmd_direction(x_generated, self.teacher(x, sigma, cond), self.fake_score(x, sigma, cond))
+        return pseudo_target_loss(x_generated, direction)
