@@ -120,7 +120,16 @@ def student_sample(student, nfe: int, seed: int, n: int = 4) -> torch.Tensor:
     return student.sample(n, nfe=nfe, noise=noise, generator=generator)
 
 
-def test_cd_student_exports_to_a_diffusers_pipeline_that_samples_identically(student, tmp_path):
+@pytest.fixture(scope="module")
+def dmd2_student(trained_teacher):
+    return fewstep.distill(trained_teacher[0], "dmd2", steps=3, batch_size=8, progress=False,
+                           method_args={"fake_updates": 1})
+
+
+@pytest.mark.parametrize("name", ["student", "dmd2_student"])
+def test_a_student_exports_to_a_diffusers_pipeline_that_samples_identically(name, request, tmp_path):
+    """CD's and DMD2's students: the exported pipeline reproduces fewstep's own sampling at 1, 2 and 4 NFE."""
+    student = request.getfixturevalue(name)
     hub.export_student(student, tmp_path / "pipe", "diffusers")
     pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(pipe.scheduler, hub.FewstepScheduler)
@@ -128,7 +137,7 @@ def test_cd_student_exports_to_a_diffusers_pipeline_that_samples_identically(stu
         raw, images = pipeline_sample(pipe, nfe, seed=nfe)
         ours = student_sample(student, nfe, seed=nfe)
         diff = (raw - ours).abs().max().item()
-        print(f"CD student vs diffusers pipeline at {nfe} NFE: max abs diff {diff:.2e}")
+        print(f"{student.method} student vs diffusers pipeline at {nfe} NFE: max abs diff {diff:.2e}")
         assert diff < 1e-5
         assert (images - (ours / 2 + 0.5).clamp(0, 1)).abs().max().item() < 1e-5
 
