@@ -105,7 +105,7 @@ class DMD(DistillationMethod):
 
     def generator_input(self, batch: Batch | CompositeBatch) -> Batch:
         """The part of the batch the generator draws from: its noise (and condition)."""
-        return batch["noise"]
+        return batch["noise"] if isinstance(batch, CompositeBatch) else batch
 
     def generated(self, noise: Tensor, cond, generator: torch.Generator) -> Tensor:
         """``x_G`` from ``noise``: one of the ``generation_steps`` levels drawn uniformly, reached by backward
