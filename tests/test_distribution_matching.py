@@ -24,6 +24,7 @@ from fewstep.methods.scores import (
     karras_index_sigma,
     pseudo_target_loss,
 )
+from fewstep.models.analytic import GaussianMixture
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
 from fewstep.solvers import SIGMA_MAX
@@ -142,6 +143,49 @@ def test_dmds_regression_pulls_the_generator_onto_the_teacher_pairs():
     batch = CompositeBatch({"noise": Batch(noise=noise), "teacher_pairs": Batch(noise=noise, endpoint=endpoint)})
     losses = dmd.losses("student", batch, 0, torch.Generator().manual_seed(0))
     assert float(losses["regression"]) == pytest.approx(1.0, rel=1e-5)
+
+
+class ShiftGenerator(torch.nn.Module):
+    """A Gaussian generator ``x_G = mu + std z`` in a denoiser's clothes: fed ``level * z`` at ``level``, it returns
+    ``mu + std z``. Its ``backbone`` (unused) gives the methods a network to copy."""
+
+    def __init__(self, mu: torch.Tensor, std: float):
+        super().__init__()
+        self.mu, self.std = torch.nn.Parameter(mu.clone()), std
+        self.backbone = MLP((2,), width=16, depth=1).double()
+        self.data_shape, self.sigma_data = (2,), 0.5
+
+    def forward(self, x, sigma, cond=None):
+        return self.mu + self.std * x / sigma[:, None]
+
+
+def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
+    return GaussianMixture(torch.ones(1), mean[None], torch.full((1,), std**2, dtype=DT))
+
+
+GENERATOR_ONLY = {"dmd": {"reg_weight": 0.0}, "dmd2": {"gan_generator_weight": 0.0}, "diff_instruct": {}}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATOR_ONLY))
+def test_each_methods_generator_update_moves_it_to_the_teacher_and_stops_there(name):
+    """Every method of the family through its own ``losses``: a Gaussian generator, the teacher's exact Gaussian
+    denoiser as the real score and the generator's own as the fake score. The update of ``mu`` points from the
+    generator's mean to the teacher's, and is zero when the two distributions are equal."""
+    cls = METHODS[name]
+    teacher_mean, student_mean, std = torch.tensor([1.0, -2.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), 0.3
+    for target, expect in ((teacher_mean, "towards"), (student_mean, "zero")):
+        student = ShiftGenerator(student_mean, std)
+        method = cls(gaussian(target, std), student, cls.Config(**GENERATOR_ONLY[name]))
+        method.fake_score = gaussian(student_mean, std)
+        batch = Batch(noise=torch.randn(4096, 2, generator=torch.Generator().manual_seed(0), dtype=DT))
+        if cls.needs != {"noise"}:
+            batch = CompositeBatch({"noise": batch, "data": Batch(x0=batch.noise), "teacher_pairs": batch})
+        method.losses("student", batch, 0, torch.Generator().manual_seed(1))["loss"].backward()
+        step = -student.mu.grad
+        if expect == "zero":
+            assert step.abs().max() < 1e-12
+        else:
+            assert torch.nn.functional.cosine_similarity(step, teacher_mean - student_mean, dim=0) > 0.999
 
 
 class SwappedDMD2(DMD2):

@@ -11,6 +11,7 @@ from fewstep.methods.consistency.phased_consistency import PhasedConsistency
 from fewstep.methods.consistency.score_regularized_consistency import ScoreRegularizedConsistency
 from fewstep.methods.consistency.slam import SubpathLinearApproximation
 from fewstep.methods.consistency.trajectory_backward_consistency import TrajectoryBackwardConsistency
+from fewstep.methods.distribution.diff_instruct import DiffInstruct
 from fewstep.methods.distribution.dmd import DMD
 from fewstep.methods.distribution.dmd2 import DMD2
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
@@ -24,7 +25,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
-        DMD, DMD2,
+        DMD, DMD2, DiffInstruct,
     )
 }
 

@@ -16,6 +16,7 @@ puts mass towards where the teacher does.
 * :func:`karras_index_sigma`: levels drawn uniformly by index from a 1000-entry Karras grid (DMD2's EDM
   convention; ``[0.02, 0.98]`` of it for the generator's loss, all of it for the fake score);
   :func:`shifted_sigma`: rCM's ``sigma_d s / (1 - s)`` with ``s`` a shifted uniform draw;
+  :func:`karras_position_sigma`: levels at a uniform position along the continuous Karras schedule (SiD, SIM);
 * :func:`generate`: a few-step sample ``x_G`` on given levels, gradient through the last network call only
   (backward simulation: the input of the last step comes from the generator itself, not from noised data);
 * :func:`index_levels`: ``nfe`` generator levels spread by index over the Karras grid (DMD2's 999, 749, 499,
@@ -30,7 +31,7 @@ from torch import Tensor
 from fewstep.methods.losses import edm_weight
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
-from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, karras_sigmas, sample_consistency
+from fewstep.solvers import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas, sample_consistency
 
 GRID_SIZE = 1000  # DMD2's EDM grid: Karras levels, rho 7, sigma 0.002 to 80
 
@@ -98,3 +99,12 @@ def fake_score_loss(fake_score: Denoiser, x_generated: Tensor, sigma: Tensor, co
     x_generated = x_generated.detach()
     error = (fake_score(noised(x_generated, sigma, generator), sigma, cond) - x_generated).flatten(1).pow(2).mean(1)
     return (edm_weight(sigma, sigma_data) * error).mean()
+
+
+def karras_position_sigma(batch: int, generator: torch.Generator, like: Tensor, low: float = 0.0,
+                          high: float = 1.0) -> Tensor:
+    """``batch`` levels at positions ``r ~ U[low, high)`` along EDM's continuous Karras schedule (rho 7, ``r = 0``
+    is 80, ``r = 1`` is 0.002): SiD's generator levels, ``u ~ U[0, t_max / 1000]`` at ``r = 1 - u``."""
+    r = low + (high - low) * torch.rand(batch, generator=generator, device=like.device, dtype=torch.float64)
+    hi, lo = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return ((hi + r * (lo - hi)) ** RHO).to(like.dtype)

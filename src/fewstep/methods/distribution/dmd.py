@@ -22,6 +22,8 @@ cost is charged to the run). ``D_real`` is the teacher with its guidance, ``D_fa
 regression term anchors the generator to the teacher's noise-to-sample map, which keeps the reverse-KL gradient
 from collapsing modes. With ``generation_steps > 1`` the generator is trained on that many levels
 (:func:`~fewstep.methods.scores.index_levels`) by backward simulation, as DMD2 does; the paper's generator has one.
+``init_sigma`` moves the generator's level below the top (the whole schedule scaled to start there), as
+Diff-Instruct and SiD feed ``init_sigma z``.
 
 Deviations from the paper: the regression distance is the mean squared error (LPIPS is not offered, as for CD);
 the generator runs at the Karras grid's top level rather than DDPM's timestep 999; a ``fake_warmup`` of steps in
@@ -50,17 +52,18 @@ from fewstep.methods.scores import (
     pseudo_target_loss,
 )
 from fewstep.models.denoiser import Denoiser
-from fewstep.solvers import DEFAULT_TEACHER_NFE, Sampling
+from fewstep.solvers import DEFAULT_TEACHER_NFE, SIGMA_MAX, Sampling
 
 
 @dataclass
 class DistributionMatchingConfig(MethodConfig):
-    """What every generator trained against a fake score has (DMD, DMD2)."""
+    """What every generator trained against a fake score has (DMD, DMD2, Diff-Instruct)."""
 
     fake_updates: int = 1
     fake_lr_scale: float = 1.0
     fake_warmup: int = 0
     generation_steps: int = 1
+    init_sigma: float = SIGMA_MAX  # the generator's first level: it is fed init_sigma * z
     min_level: float = 0.02  # the generator loss's levels: this part [min_level, max_level] of the grid, by index
     max_level: float = 0.98
 
@@ -90,8 +93,13 @@ class DMD(DistillationMethod):
             raise ConfigError(f"method_args.generation_steps must be >= 1, got {config.generation_steps}")
         if not 0 <= config.min_level < config.max_level <= 1:
             raise ConfigError("method_args: need 0 <= min_level < max_level <= 1 (parts of the Karras grid)")
+        if not 0 < config.init_sigma <= SIGMA_MAX:
+            raise ConfigError(f"method_args.init_sigma must be in (0, {SIGMA_MAX}], got {config.init_sigma}")
         if isinstance(config, DMDConfig) and (config.reg_weight < 0 or config.num_pairs < 1):
             raise ConfigError("method_args: need reg_weight >= 0 and num_pairs >= 1")
+        if isinstance(config, DMDConfig) and config.reg_weight > 0 and config.init_sigma != SIGMA_MAX:
+            raise ConfigError("method_args.init_sigma: DMD's regression pairs start from the teacher's top level "
+                              f"{SIGMA_MAX}; leave init_sigma there or set reg_weight to 0")
         self.sigma_data = student.sigma_data
         self.fake_score = type(self).build_student(teacher, config, lambda: copy.deepcopy(student.backbone),
                                                    student.sigma_data)
@@ -107,10 +115,15 @@ class DMD(DistillationMethod):
         """The part of the batch the generator draws from: its noise (and condition)."""
         return batch["noise"] if isinstance(batch, CompositeBatch) else batch
 
+    def generator_levels(self, nfe: int) -> list[float]:
+        """The generator's ``nfe`` levels: :func:`~fewstep.methods.scores.index_levels` scaled to start at
+        ``init_sigma``."""
+        return [level * self.config.init_sigma / SIGMA_MAX for level in index_levels(nfe)]
+
     def generated(self, noise: Tensor, cond, generator: torch.Generator) -> Tensor:
         """``x_G`` from ``noise``: one of the ``generation_steps`` levels drawn uniformly, reached by backward
         simulation (:func:`~fewstep.methods.scores.generate`)."""
-        levels = index_levels(self.config.generation_steps)
+        levels = self.generator_levels(self.config.generation_steps)
         k = int(torch.randint(len(levels), (1,), generator=generator, device=noise.device))
         return generate(self.student, noise, levels[:k + 1], cond, generator)
 
@@ -145,9 +158,11 @@ class DMD(DistillationMethod):
     def extra_generator_losses(self, batch: CompositeBatch, x_generated: Tensor, cond,
                                generator: torch.Generator) -> dict[str, Tensor]:
         """DMD's regression onto teacher pairs: ``reg_weight mean_D || G(z_ref) - y_ref ||^2``."""
+        if self.config.reg_weight == 0:
+            return {}
         pairs = batch["teacher_pairs"]
-        prediction = generate(self.student, pairs.noise, index_levels(1), pairs.cond, generator)
+        prediction = generate(self.student, pairs.noise, self.generator_levels(1), pairs.cond, generator)
         return {"regression": self.config.reg_weight * squared_l2(prediction, pairs.endpoint).mean()}
 
     def sampling(self, nfe: int) -> Sampling:
-        return Sampling("consistency", index_levels(nfe))
+        return Sampling("consistency", self.generator_levels(nfe))
