@@ -163,7 +163,8 @@ def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
     return GaussianMixture(torch.ones(1), mean[None], torch.full((1,), std**2, dtype=DT))
 
 
-GENERATOR_ONLY = {"dmd": {"reg_weight": 0.0}, "dmd2": {"gan_generator_weight": 0.0}, "diff_instruct": {}}
+GENERATOR_ONLY = {"dmd": {"reg_weight": 0.0}, "dmd2": {"gan_generator_weight": 0.0}, "diff_instruct": {},
+                  "swiftbrush": {}}
 
 
 @pytest.mark.parametrize("name", sorted(GENERATOR_ONLY))
@@ -218,3 +219,24 @@ def test_both_are_registered_in_their_family():
     assert METHODS["dmd"] is DMD and METHODS["dmd2"] is DMD2
     assert DMD.family == DMD2.family == "distribution"
     assert DMD.needs == {"noise", "teacher_pairs"} and DMD2.needs == {"noise", "data"}
+
+
+def test_swiftbrushs_lora_teacher_starts_as_the_teacher_and_trains_only_its_adapter():
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(MLP((2,), width=32, depth=2).double(), RING.sigma_data)
+    cls = METHODS["swiftbrush"]
+    config = cls.Config(lora_rank=4, lora_alpha=8.0)
+    student = cls.build_student(teacher, config, lambda: None, RING.sigma_data)
+    method = cls(teacher, student, config)
+    x, sigma = torch.randn(8, 2, dtype=DT), torch.full((8,), 0.7, dtype=DT)
+    torch.testing.assert_close(method.fake_score(x, sigma), teacher(x, sigma))  # LoRA B starts at zero
+    fake_phase = method.phases()[0]
+    names = {id(p): n for n, p in method.fake_score.named_parameters()}
+    assert fake_phase.parameters and all("lora_" in names[id(p)] for p in fake_phase.parameters)
+    assert method.needs == {"noise"}  # image-free: never real samples
+    before = [p.clone() for p in teacher.parameters()]
+    batch = Batch(noise=torch.randn(16, 2, dtype=DT))
+    method.losses("fake_score", batch, 0, torch.Generator().manual_seed(0))["loss"].backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    with pytest.raises(ConfigError):
+        cls(teacher, student, cls.Config(lora_rank=0))

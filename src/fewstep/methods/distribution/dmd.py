@@ -33,10 +33,11 @@ which only the fake score learns (for an analytic teacher, whose fake score star
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
@@ -101,8 +102,15 @@ class DMD(DistillationMethod):
             raise ConfigError("method_args.init_sigma: DMD's regression pairs start from the teacher's top level "
                               f"{SIGMA_MAX}; leave init_sigma there or set reg_weight to 0")
         self.sigma_data = student.sigma_data
-        self.fake_score = type(self).build_student(teacher, config, lambda: copy.deepcopy(student.backbone),
-                                                   student.sigma_data)
+        self.fake_score = type(self).build_fake_score(teacher, config, lambda: copy.deepcopy(student.backbone),
+                                                      student.sigma_data)
+
+    @classmethod
+    def build_fake_score(cls, teacher: Denoiser, config: DistributionMatchingConfig,
+                         new_backbone: Callable[[], nn.Module], sigma_data: float) -> Denoiser:
+        """The fake score a run starts from: built as the student is (a copy of the teacher's network, or
+        ``new_backbone()`` for an analytic teacher)."""
+        return cls.build_student(teacher, config, new_backbone, sigma_data)
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", list(self.fake_score.parameters()), self.config.fake_updates,
