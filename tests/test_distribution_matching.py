@@ -164,7 +164,7 @@ def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
 
 
 GENERATOR_ONLY = {"dmd": {"reg_weight": 0.0}, "dmd2": {"gan_generator_weight": 0.0}, "diff_instruct": {},
-                  "swiftbrush": {}}
+                  "swiftbrush": {}, "sid": {}, "sid_fewstep": {"generation_steps": 1}, "sim": {}}
 
 
 @pytest.mark.parametrize("name", sorted(GENERATOR_ONLY))

@@ -14,6 +14,9 @@ from fewstep.methods.consistency.trajectory_backward_consistency import Trajecto
 from fewstep.methods.distribution.diff_instruct import DiffInstruct
 from fewstep.methods.distribution.dmd import DMD
 from fewstep.methods.distribution.dmd2 import DMD2
+from fewstep.methods.distribution.few_step_sid import FewStepSiD
+from fewstep.methods.distribution.sid import SiD
+from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
@@ -26,7 +29,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
-        DMD, DMD2, DiffInstruct, SwiftBrush,
+        DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM,
     )
 }
 
