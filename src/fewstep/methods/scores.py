@@ -17,6 +17,7 @@ puts mass towards where the teacher does.
   convention; ``[0.02, 0.98]`` of it for the generator's loss, all of it for the fake score);
   :func:`shifted_sigma`: rCM's ``sigma_d s / (1 - s)`` with ``s`` a shifted uniform draw;
   :func:`karras_position_sigma`: levels at a uniform position along the continuous Karras schedule (SiD, SIM);
+  :func:`log_normal_sigma`: EDM's lognormal training levels (Diff-Instruct, SiD's fake score);
 * :func:`generate`: a few-step sample ``x_G`` on given levels, gradient through the last network call only
   (backward simulation: the input of the last step comes from the generator itself, not from noised data);
 * :func:`index_levels`: ``nfe`` generator levels spread by index over the Karras grid (DMD2's 999, 749, 499,
@@ -56,6 +57,12 @@ def shifted_sigma(batch: int, generator: torch.Generator, like: Tensor, shift: f
     u = 0.02 + 0.96 * torch.rand(batch, generator=generator, device=like.device).to(like.dtype)
     s = shift * u / (1 + (shift - 1) * u)
     return (sigma_data * s / (1 - s)).clamp(max=SIGMA_MAX)
+
+
+def log_normal_sigma(batch: int, generator: torch.Generator, like: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """EDM's training levels ``sigma = exp(p_mean + p_std n)``, ``n ~ N(0, 1)`` (Diff-Instruct, SiD's fake score)."""
+    n = torch.randn(batch, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.exp(p_mean + p_std * n)
 
 
 def index_levels(nfe: int) -> list[float]:

@@ -29,7 +29,7 @@ from torch import Tensor
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
-from fewstep.methods.scores import fake_score_loss, noised
+from fewstep.methods.scores import fake_score_loss, log_normal_sigma, noised
 from fewstep.models.denoiser import Denoiser
 
 
@@ -53,20 +53,18 @@ class DiffInstruct(DMD):
         if config.p_std <= 0:
             raise ConfigError(f"method_args.p_std must be > 0, got {config.p_std}")
 
-    def log_normal_sigma(self, like: Tensor, generator: torch.Generator) -> Tensor:
-        """``exp(p_mean + p_std n)``, ``n ~ N(0, 1)`` per sample."""
-        n = torch.randn(like.shape[0], generator=generator, device=like.device, dtype=like.dtype)
-        return torch.exp(self.config.p_mean + self.config.p_std * n)
+    def levels(self, like: Tensor, generator: torch.Generator) -> Tensor:
+        return log_normal_sigma(like.shape[0], generator, like, self.config.p_mean, self.config.p_std)
 
     def critic_losses(self, batch: Batch | CompositeBatch, source: Batch,
                       generator: torch.Generator) -> dict[str, Tensor]:
         with torch.no_grad():
             x_generated = self.generated(source.noise, source.cond, generator)
-        sigma = self.log_normal_sigma(x_generated, generator)
+        sigma = self.levels(x_generated, generator)
         return {"loss": fake_score_loss(self.fake_score, x_generated, sigma, source.cond, generator, self.sigma_data)}
 
     def dmd_loss(self, x_generated: Tensor, cond, generator: torch.Generator) -> Tensor:
-        sigma = self.log_normal_sigma(x_generated, generator)
+        sigma = self.levels(x_generated, generator)
         with torch.no_grad():
             x = noised(x_generated, sigma, generator)
             difference = self.fake_score(x, sigma, cond) - self.teacher(x, sigma, cond)

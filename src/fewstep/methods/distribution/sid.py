@@ -45,7 +45,7 @@ from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase
 from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
-from fewstep.methods.scores import GRID_SIZE, fake_score_loss, karras_position_sigma, noised
+from fewstep.methods.scores import GRID_SIZE, fake_score_loss, karras_position_sigma, log_normal_sigma, noised
 from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MIN, karras_sigmas
 
@@ -132,8 +132,8 @@ class SiD(DMD):
                       generator: torch.Generator) -> dict[str, Tensor]:
         with torch.no_grad():
             x_generated = self.generated(source.noise, source.cond, generator)
-        normal = torch.randn(x_generated.shape[0], generator=generator, device=x_generated.device)
-        sigma = (self.config.fake_p_mean + self.config.fake_p_std * normal).exp().to(x_generated.dtype)
+        sigma = log_normal_sigma(x_generated.shape[0], generator, x_generated, self.config.fake_p_mean,
+                                 self.config.fake_p_std)
         return {"loss": fake_score_loss(self.fake_score, x_generated, sigma, source.cond, generator, self.sigma_data)}
 
     def loss_levels(self, x_generated: Tensor, generator: torch.Generator) -> Tensor:
