@@ -14,6 +14,7 @@ from fewstep.methods.consistency.trajectory_backward_consistency import Trajecto
 from fewstep.methods.distribution.diff_instruct import DiffInstruct
 from fewstep.methods.distribution.dmd import DMD
 from fewstep.methods.distribution.dmd2 import DMD2
+from fewstep.methods.distribution.f_distill import FDistill
 from fewstep.methods.distribution.few_step_sid import FewStepSiD
 from fewstep.methods.distribution.sid import SiD
 from fewstep.methods.distribution.sim import SIM
@@ -29,7 +30,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
-        DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM,
+        DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill,
     )
 }
 
