@@ -84,3 +84,30 @@ def exact_endpoints() -> torch.Tensor:
 def flow_map_error(samples: torch.Tensor) -> float:
     """Mean distance of one-step samples from the exact ODE endpoints of the same noise."""
     return float((samples - exact_endpoints()).norm(dim=1).mean())
+
+
+def with_scores_swapped(cls):
+    """A distribution-matching method ``cls`` with the real and fake scores swapped in its generator loss: it
+    climbs the divergence instead of descending it (the control an exact-teacher test must fail)."""
+
+    class Swapped(cls):
+        name = f"{cls.name}_swapped"
+
+        def dmd_loss(self, x_generated, cond, generator):
+            teacher, fake = self.teacher, self.fake_score
+            self.teacher, self.fake_score = fake, teacher
+            try:
+                return super().dmd_loss(x_generated, cond, generator)
+            finally:
+                self.teacher, self.fake_score = teacher, fake
+
+    return Swapped
+
+
+def generator_on_ring(cls, config, steps: int, nfe: int = 1) -> tuple[dict, float]:
+    """Train the generator of ``cls`` (from its own source) on the ring; its metrics at ``nfe`` and excess NLL."""
+    from fewstep.data.sources import make_source
+
+    method, student = distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING))
+    metrics = toy_metrics(draw(method, student, nfe), RING)
+    return metrics, metrics["nll"] - reference_nll(RING)

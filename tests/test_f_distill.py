@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from exact_ring import RING, distil_on_ring, draw
+from exact_ring import RING, generator_on_ring
 from fewstep.data.sources import make_source
 from fewstep.errors import ConfigError
-from fewstep.eval.toy import reference_nll, toy_metrics
 from fewstep.methods.distribution.dmd2 import DMD2, DMD2Config
 from fewstep.methods.distribution.f_distill import (
     WEIGHTINGS,
@@ -134,9 +133,6 @@ class SwappedFDistill(FDistill):
 def test_f_distill_on_the_exact_ring(cls):
     """Short run on the exact 8-mode ring with the default JS weighting: one-step samples over every mode, most of
     them inside one; with the scores swapped neither."""
-    config = FDistillConfig(fake_warmup=30, fake_updates=2)
-    method, student = distil_on_ring(cls, config, 300, source=make_source(cls.needs, RING))
-    metrics = toy_metrics(draw(method, student, 1), RING)
-    excess = metrics["nll"] - reference_nll(RING)
+    metrics, excess = generator_on_ring(cls, FDistillConfig(fake_warmup=30, fake_updates=2), 300)
     ok = metrics["modes_covered"] == 8 and excess < 20
     assert ok == (cls is FDistill), (metrics, excess)

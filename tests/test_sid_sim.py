@@ -4,10 +4,9 @@ bad arguments, and short exact-teacher runs on the 8-mode ring that fail with th
 import pytest
 import torch
 
-from exact_ring import RING, distil_on_ring, draw
+from exact_ring import RING, generator_on_ring, with_scores_swapped
 from fewstep.data.sources import make_source
 from fewstep.errors import ConfigError
-from fewstep.eval.toy import reference_nll, toy_metrics
 from fewstep.methods.distribution.few_step_sid import FewStepSiD, FewStepSiDConfig
 from fewstep.methods.distribution.sid import SiD, SiDConfig, init_levels, sid_loss
 from fewstep.methods.distribution.sim import SIM, SIMConfig, sim_loss
@@ -110,31 +109,12 @@ def test_bad_configs_are_refused(cls, bad):
         small_pair(cls, cls.Config(**bad))
 
 
-def swapped(cls):
-    """``cls`` with the real and fake scores swapped in the generator's loss: it climbs the divergence."""
-
-    class Swapped(cls):
-        name = f"{cls.name}_swapped"
-
-        def dmd_loss(self, x_generated, cond, generator):
-            teacher, fake = self.teacher, self.fake_score
-            self.teacher, self.fake_score = fake, teacher
-            try:
-                return super().dmd_loss(x_generated, cond, generator)
-            finally:
-                self.teacher, self.fake_score = teacher, fake
-
-    return Swapped
-
-
 @pytest.mark.parametrize(("cls", "swap"), [(SiD, False), (SiD, True), (SIM, False), (SIM, True)])
 def test_on_the_exact_ring(cls, swap):
     """Short run on the exact 8-mode ring: samples reach most modes with a bounded excess NLL; with the scores
     swapped they do not. (Few-step SiD reaches no mode in a run this short, so its check is the Gaussian tests;
     docs/distribution.md has its ring readings.)"""
     config = cls.Config(fake_warmup=30)
-    method, student = distil_on_ring(swapped(cls) if swap else cls, config, 300, source=make_source(cls.needs, RING))
-    metrics = toy_metrics(draw(method, student, config.generation_steps), RING)
-    excess = metrics["nll"] - reference_nll(RING)
+    metrics, excess = generator_on_ring(with_scores_swapped(cls) if swap else cls, config, 300)
     ok = metrics["modes_covered"] >= 3 and excess < 16
     assert ok == (not swap), (metrics, excess)
