@@ -105,9 +105,15 @@ def with_scores_swapped(cls):
 
 
 def generator_on_ring(cls, config, steps: int, nfe: int = 1) -> tuple[dict, float]:
-    """Train the generator of ``cls`` (from its own source) on the ring; its metrics at ``nfe`` and excess NLL."""
-    from fewstep.data.sources import make_source
+    """Train the generator of ``cls`` (from its own source: teacher pairs as its config asks, cached) on the ring;
+    its metrics at ``nfe`` and excess NLL."""
+    from fewstep.cache import cache_dir
+    from fewstep.data.sources import TeacherPairs, make_source
 
-    method, student = distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING))
+    pairs = None
+    if "teacher_pairs" in cls.needs:
+        pairs = TeacherPairs(RING.analytic, config.num_pairs, cache_dir() / "pairs", config.pair_solver,
+                             config.pair_nfe, progress=False)
+    method, student = distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING, pairs))
     metrics = toy_metrics(draw(method, student, nfe), RING)
     return metrics, metrics["nll"] - reference_nll(RING)
