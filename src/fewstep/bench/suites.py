@@ -66,9 +66,9 @@ CHECKERBOARD_TEACHER = {"steps": 3000}  # a fixed recipe: the cached teacher is 
 
 
 def _suites(scale: str) -> list[Suite]:
-    """``quick``: the exact 8-mode ring and digits, small budgets (under 20 minutes with a cached digits
-    teacher). ``full``: all five tables with larger budgets (about 2 hours plus the checkerboard and digits
-    teachers' training, if they are not cached)."""
+    """``quick``: the exact 8-mode ring and digits, small budgets (about a minute and a half per method with a
+    cached digits teacher). ``full``: all five tables with larger budgets (about 9 minutes per method, plus the
+    checkerboard and digits teachers' training, if they are not cached)."""
     quick = scale == "quick"
     teacher_nfe = (1, 2, 4, 8, 16) if quick else (1, 2, 4, 8, 16, 32, 64)
     two_d = {"teacher_nfe": teacher_nfe, "n_samples": 2000 if quick else 5000,
