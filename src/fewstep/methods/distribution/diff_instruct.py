@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
-from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
+from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
 from fewstep.methods.scores import fake_score_loss, log_normal_sigma, noised
 from fewstep.models.denoiser import Denoiser
 
@@ -40,7 +40,7 @@ class DiffInstructConfig(DistributionMatchingConfig):
     p_std: float = 1.2
 
 
-class DiffInstruct(DMD):
+class DiffInstruct(DistributionMatching):
     """Diff-Instruct: integral-KL gradient from a fake score, unnormalised, on a data-free one-step generator."""
 
     name = "diff_instruct"
@@ -70,6 +70,3 @@ class DiffInstruct(DMD):
             difference = self.fake_score(x, sigma, cond) - self.teacher(x, sigma, cond)
         return (difference * x_generated).flatten(1).sum(1).mean()
 
-    def extra_generator_losses(self, batch: Batch | CompositeBatch, x_generated: Tensor, cond,
-                               generator: torch.Generator) -> dict[str, Tensor]:
-        return {}  # no regression, no GAN: the integral KL alone

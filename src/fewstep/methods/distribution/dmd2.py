@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase
-from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
+from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
 from fewstep.methods.scores import fake_score_loss, karras_index_sigma, noised
 from fewstep.models.denoiser import Denoiser
 from fewstep.nets.features import capture_features, feature_points, pooled
@@ -51,7 +51,7 @@ class DMD2Config(DistributionMatchingConfig):
     feature: str | None = None  # the fake network's feature the head reads (default: its middle feature point)
 
 
-class DMD2(DMD):
+class DMD2(DistributionMatching):
     """DMD2: DMD with two time-scale updates, a GAN head on the fake score, and backward simulation."""
 
     name = "dmd2"

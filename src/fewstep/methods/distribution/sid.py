@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase
-from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
+from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
 from fewstep.methods.scores import GRID_SIZE, fake_score_loss, karras_position_sigma, log_normal_sigma, noised
 from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MIN, karras_sigmas
@@ -97,7 +97,7 @@ def sid_loss(x_generated: Tensor, real: Tensor, fake: Tensor, alpha: float) -> T
     return (loss / scale).mean()
 
 
-class SiD(DMD):
+class SiD(DistributionMatching):
     """SiD: a data-free one-step generator trained by the score-identity loss against a fake score."""
 
     name = "sid"
@@ -148,6 +148,3 @@ class SiD(DMD):
             return sid_loss(x_generated, self.teacher(x, sigma, cond), self.fake_score(x, sigma, cond),
                             self.config.alpha)
 
-    def extra_generator_losses(self, batch: Batch | CompositeBatch, x_generated: Tensor, cond,
-                               generator: torch.Generator) -> dict[str, Tensor]:
-        return {}

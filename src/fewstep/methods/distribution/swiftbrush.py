@@ -32,10 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase, teacher_backbone_copy
-from fewstep.methods.distribution.dmd import DMD, DistributionMatchingConfig
+from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
 from fewstep.methods.scores import karras_index_sigma, noised, pseudo_target_loss
 from fewstep.models.denoiser import Denoiser, EDMDenoiser
 from fewstep.paths import bcast
@@ -54,7 +53,7 @@ def with_lora(backbone: nn.Module, rank: int, alpha: float) -> nn.Module:
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"), backbone)
 
 
-class SwiftBrush(DMD):
+class SwiftBrush(DistributionMatching):
     """SwiftBrush: image-free VSD of a one-step generator against a LoRA teacher."""
 
     name = "swiftbrush"
@@ -91,6 +90,3 @@ class SwiftBrush(DMD):
             direction = bcast(sigma / (1 + sigma**2), difference) * difference
         return pseudo_target_loss(x_generated, direction)
 
-    def extra_generator_losses(self, batch: Batch | CompositeBatch, x_generated: Tensor, cond,
-                               generator: torch.Generator) -> dict[str, Tensor]:
-        return {}  # VSD alone: no regression, no GAN
