@@ -46,10 +46,12 @@ def method_args_for(method: str | type[DistillationMethod], method_args: dict | 
 
 
 def build_method(teacher: Teacher, method: str | type[DistillationMethod], method_args: dict | None = None,
-                 student_backbone_args: dict | None = None, steps: int | None = None) -> DistillationMethod:
+                 student_backbone_args: dict | None = None, steps: int | None = None,
+                 lora_rank: int | None = None) -> DistillationMethod:
     """Instantiate a method (a registered name, or a method class): validate its config (with its schedule fitted
     to a run of ``steps`` steps when given), build its student from the teacher, and hand it the guided teacher
-    (which it counts)."""
+    (which it counts). With ``lora_rank`` the student is its diffusers network frozen plus a peft LoRA adapter of
+    that rank on the attention projections (:func:`fewstep.hub.add_lora`): only the adapter trains."""
     method_cls = method_class(method)
     config = build_dataclass(method_cls.Config, method_args_for(method_cls, method_args, steps), "method_args")
     dataset = teacher.dataset
@@ -62,6 +64,12 @@ def build_method(teacher: Teacher, method: str | type[DistillationMethod], metho
             raise ConfigError(f"student_backbone_args: {one_line(error)}") from error
 
     student = method_cls.build_student(teacher.guided, config, new_backbone, dataset.sigma_data)
+    if lora_rank is not None:
+        if lora_rank < 1:
+            raise ConfigError(f"lora_rank must be a positive integer, got {lora_rank}")
+        from fewstep.hub import add_lora  # imports diffusers and peft
+
+        add_lora(student, rank=lora_rank)
     try:
         return method_cls(teacher.guided, student, config)
     except ValueError as error:  # a method refusing its hyper-parameters: the user's input, one line
@@ -112,19 +120,22 @@ def method_source(distiller: DistillationMethod, teacher: Teacher, progress: boo
 
 
 def new_method(teacher: Teacher, method: str | type[DistillationMethod], method_args: dict | None,
-               student_backbone_args: dict | None, config: TrainConfig) -> DistillationMethod:
+               student_backbone_args: dict | None, config: TrainConfig,
+               lora_rank: int | None = None) -> DistillationMethod:
     """The method a run of ``config`` trains: built as :func:`build_method` does, with its schedule fitted to
     ``config.steps`` and the student's new weights drawn from ``config.seed`` alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return build_method(teacher, method, method_args, student_backbone_args, steps=config.steps)
+        return build_method(teacher, method, method_args, student_backbone_args, steps=config.steps,
+                            lora_rank=lora_rank)
 
 
 def distill(teacher: Teacher, method: str | type[DistillationMethod] | DistillationMethod = "cd", steps: int = 2000,
             batch_size: int = 256, lr: float = 2e-4, method_args: dict | None = None,
             train_config: TrainConfig | None = None, student_backbone_args: dict | None = None,
             run_dir: str | Path | None = None, nfe: tuple[int, ...] = STUDENT_NFE, progress: bool = True,
-            device: str = "cpu", monitors: tuple[Monitor, ...] = (), allow_changes: bool = False) -> Student:
+            device: str = "cpu", monitors: tuple[Monitor, ...] = (), allow_changes: bool = False,
+            lora_rank: int | None = None) -> Student:
     """Distil ``teacher`` into a few-step student with a registered method (``fewstep methods`` lists them).
 
     ``train_config`` overrides ``steps``, ``batch_size``, ``lr`` and ``device`` when given. The method's schedule
@@ -133,16 +144,17 @@ def distill(teacher: Teacher, method: str | type[DistillationMethod] | Distillat
     ``method_args`` or ``student_backbone_args`` beside it. The run trains on ``device`` (e.g. ``"cuda"``), and the
     teacher's denoiser is moved there too (the student comes back on it). With ``run_dir`` the run checkpoints
     there and resumes if interrupted (a checkpoint of other settings is refused unless ``allow_changes``);
-    ``monitors`` run every so many steps on the student (see :mod:`fewstep.train.monitor`)."""
+    ``monitors`` run every so many steps on the student (see :mod:`fewstep.train.monitor`). ``lora_rank``: train
+    a LoRA adapter of this rank on the student's diffusers network instead of all its weights."""
     config = train_config if train_config is not None else TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                                         device=device)
     if isinstance(method, DistillationMethod):
-        if method_args or student_backbone_args:
-            raise ConfigError("a method built beforehand carries its own arguments: pass method_args and "
-                              "student_backbone_args to new_method instead")
+        if method_args or student_backbone_args or lora_rank:
+            raise ConfigError("a method built beforehand carries its own arguments: pass method_args, "
+                              "student_backbone_args and lora_rank to new_method instead")
         distiller = method
     else:
-        distiller = new_method(teacher, method, method_args, student_backbone_args, config)
+        distiller = new_method(teacher, method, method_args, student_backbone_args, config, lora_rank)
     source = method_source(distiller, teacher, progress)
     result = train(distiller, source, config, run_dir=run_dir, progress=progress, monitors=monitors,
                    allow_changes=allow_changes)

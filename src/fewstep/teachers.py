@@ -15,6 +15,7 @@ from torch import Tensor
 from fewstep.cache import cache_dir
 from fewstep.conditions import Condition, TextCondition
 from fewstep.data import DATASETS, load_dataset
+from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import CheckpointError, ConfigError, DataError
 from fewstep.guidance import GuidedDenoiser
@@ -118,12 +119,14 @@ class Teacher:
     ``denoiser`` answers ``x0 = D(x, s, cond)``; :attr:`guided` is the same with classifier-free guidance at
     ``guidance_scale`` (read in ``guidance_convention``, see :mod:`fewstep.guidance`), the plain model at the
     scale that means "no guidance". ``null`` is the null condition of a text-conditioned teacher (the empty
-    prompt's encoding); class-conditional teachers need none."""
+    prompt's encoding); class-conditional teachers need none. ``pipeline`` is the diffusers pipeline a
+    text-to-image teacher comes from (its VAE decodes samples, and exports reuse its other components)."""
 
     def __init__(self, denoiser: Denoiser, dataset: DatasetSpec, name: str, guidance_scale: float = 1.0,
-                 guidance_convention: str = "cfg", null: TextCondition | None = None):
+                 guidance_convention: str = "cfg", null: TextCondition | None = None, pipeline=None):
         self.denoiser, self.dataset, self.name = denoiser.eval(), dataset, name
         self.guidance_scale, self.guidance_convention, self.null = guidance_scale, guidance_convention, null
+        self.pipeline = pipeline
         self.guided = GuidedDenoiser(self.denoiser, guidance_scale, guidance_convention, null)
 
     @property
@@ -168,6 +171,27 @@ class Teacher:
         name = f"diffusers:{path_or_id}"
         return cls(denoiser, as_dataset(dataset) if dataset is not None else empty_dataset(name, denoiser, "images"),
                    name)
+
+    @classmethod
+    def from_pipeline(cls, folder: str | Path, prompts: str | Path | list[str], negative_prompt: str = "",
+                      guidance_scale: float = 1.0, resolution: int | None = None,
+                      torch_dtype: torch.dtype | None = None) -> Teacher:
+        """A text-to-image teacher: the network of the diffusers pipeline in ``folder`` on its VAE's latents, with
+        ``prompts`` (a prompt file, see :func:`fewstep.data.prompts.read_prompts`, or a list) encoded by the
+        pipeline's own text encoders (cached on disk) as what data-free methods draw, and ``negative_prompt`` as
+        guidance's null condition. ``resolution`` is in pixels (default: the network's own size)."""
+        from fewstep.hub.pipelines import encode_prompts, load_pipeline, pipeline_denoiser, prompt_dataset
+
+        texts = prompts if isinstance(prompts, list) else read_prompts(prompts)
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise DataError("prompts must be a prompt file or a non-empty list of strings")
+        pipe = load_pipeline(folder, torch_dtype)
+        denoiser = pipeline_denoiser(pipe, resolution)
+        conditions, null = encode_prompts(pipe, folder, texts, negative_prompt,
+                                          "prompt list" if isinstance(prompts, list) else str(prompts))
+        dataset = prompt_dataset(f"prompts:{prompts if not isinstance(prompts, list) else 'list'}",
+                                 denoiser.data_shape, conditions)
+        return cls(denoiser, dataset, f"pipeline:{Path(folder).resolve()}", guidance_scale, "cfg", null, pipe)
 
     @classmethod
     def train(cls, dataset: str | DatasetSpec, backbone: str = "mlp", backbone_args: dict | None = None,
@@ -216,7 +240,7 @@ class Teacher:
             **extra})
 
     def with_guidance(self, scale: float, convention: str = "cfg") -> Teacher:
-        return Teacher(self.denoiser, self.dataset, self.name, scale, convention, self.null)
+        return Teacher(self.denoiser, self.dataset, self.name, scale, convention, self.null, self.pipeline)
 
     @torch.no_grad()
     def sample(self, n: int, solver: str = "heun", nfe: int = DEFAULT_TEACHER_NFE, label: Tensor | None = None,

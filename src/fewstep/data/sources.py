@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from fewstep.conditions import Condition, TextCondition
 from fewstep.data.batch import NEEDS, Batch, CompositeBatch
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
@@ -80,10 +81,13 @@ class RealData:
     kind = "data"
     teacher_evals = 0
 
-    def __init__(self, x: Tensor, y: Tensor | None = None):
+    def __init__(self, x: Tensor, y: Condition | None = None):
         if x.shape[0] == 0:
-            raise DataError("RealData needs at least one training sample, got none")
-        if y is not None and tuple(y.shape) != (x.shape[0],):
+            raise DataError("this method trains on real samples and the dataset has none; give it data (for a "
+                            "text-to-image job: captioned images) or use a data-free method")
+        if isinstance(y, TextCondition) and len(y) != x.shape[0]:
+            raise DataError(f"{len(y)} text conditions for {x.shape[0]} samples: give one per sample")
+        if isinstance(y, Tensor) and tuple(y.shape) != (x.shape[0],):
             raise DataError(f"labels must have shape ({x.shape[0]},) to match the samples, got {tuple(y.shape)}")
         self.x, self.y = x, y
         self.order = EpochOrder(x.shape[0])
@@ -204,17 +208,21 @@ def _random_labels(num_classes: int, batch_size: int, generator: torch.Generator
 
 
 class NoiseOnly:
-    """Standard-normal noise of ``data_shape``; uniformly random labels too when ``num_classes > 0``."""
+    """Standard-normal noise of ``data_shape``; uniformly random labels too when ``num_classes > 0``, or rows drawn
+    uniformly from ``conditions`` (encoded prompts) when given."""
 
     kind = "noise"
     teacher_evals = 0
 
-    def __init__(self, data_shape: tuple[int, ...], num_classes: int = 0):
-        self.data_shape, self.num_classes = tuple(data_shape), num_classes
+    def __init__(self, data_shape: tuple[int, ...], num_classes: int = 0, conditions: TextCondition | None = None):
+        self.data_shape, self.num_classes, self.conditions = tuple(data_shape), num_classes, conditions
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         _check_batch_size(batch_size)
         noise = torch.randn(batch_size, *self.data_shape, generator=generator)
+        if self.conditions is not None:
+            return Batch(noise=noise, cond=self.conditions[torch.randint(len(self.conditions), (batch_size,),
+                                                                         generator=generator)])
         label = _random_labels(self.num_classes, batch_size, generator) if self.num_classes > 0 else None
         return Batch(noise=noise, cond=label)
 
@@ -290,9 +298,10 @@ def make_source(needs: Iterable[str], dataset: DatasetSpec, pairs: TeacherPairs 
 
 def _single_source(kind: str, dataset: DatasetSpec, pairs: TeacherPairs | None) -> Source:
     if kind == "data":
-        return RealData(dataset.train_x, dataset.train_y if dataset.num_classes > 0 else None)
+        text = isinstance(dataset.train_y, TextCondition)
+        return RealData(dataset.train_x, dataset.train_y if dataset.num_classes > 0 or text else None)
     if kind == "noise":
-        return NoiseOnly(dataset.data_shape, dataset.num_classes)
+        return NoiseOnly(dataset.data_shape, dataset.num_classes, dataset.conditions)
     if kind == "labels":
         if dataset.num_classes < 1:
             raise ConfigError(f"a labels-only method needs a class-conditional dataset; {dataset.name!r} has no "

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from fewstep.conditions import Condition, TextCondition
 from fewstep.models.analytic import GaussianMixture
 
 KINDS = {"points": "vectors such as 2-D points: scatter plots, MLP students",
          "images": "(C, H, W) images: sample grids, wider MLP students"}
 METRICS = {"swd": "sliced Wasserstein distance to the held-out split",
-           "fd": "FD-digits: Frechet distance in the features of fewstep's digits classifier"}
+           "fd": "FD-digits: Frechet distance in the features of fewstep's digits classifier",
+           "teacher_match": "distance to the teacher's samples from the same prompts and noise (text-to-image jobs)"}
 
 
 @dataclass
@@ -34,14 +36,16 @@ class DatasetSpec:
     exact data log-density where one exists. ``normalisation`` says how stored values map to raw ones.
     ``kind`` (a key of :data:`KINDS`) says how samples are shown and which student network suits them;
     ``metric`` (a key of :data:`METRICS`) is the distance that ranks samples (lower is better): evaluation,
-    level tuning and the benchmark read both from here, never from the data's shape."""
+    level tuning and the benchmark read both from here, never from the data's shape. ``conditions`` are the
+    conditions data-free sources draw from when they are not class labels (a text-to-image job's encoded prompts);
+    ``train_y`` may then be the text conditions of ``train_x`` (captioned images)."""
 
     name: str
     data_shape: tuple[int, ...]
     train_x: Tensor
     ref_x: Tensor
     num_classes: int = 0
-    train_y: Tensor | None = None
+    train_y: Condition | None = None
     ref_y: Tensor | None = None
     analytic: GaussianMixture | None = None
     log_prob: Callable[[Tensor], Tensor] | None = None
@@ -51,6 +55,7 @@ class DatasetSpec:
     description: str = ""
     kind: str = "points"
     metric: str = "swd"
+    conditions: TextCondition | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -2,18 +2,23 @@
 
 * ``fewstep``: :meth:`fewstep.Student.save` (``model.safetensors`` + ``fewstep.json`` with path, prediction,
   time convention, sampler and levels per NFE, guidance convention); ``fewstep sample`` reloads it.
-* ``diffusers`` (students whose network is a diffusers ``UNet2DModel``): a ``ConsistencyModelPipeline``
-  folder (``unet/`` + ``scheduler/``) with a :class:`~fewstep.hub.scheduler.FewstepScheduler` that holds the
+* ``diffusers``: a pipeline folder with a :class:`~fewstep.hub.scheduler.FewstepScheduler` that holds the
   student's preconditioner and levels, so ``pipe(num_inference_steps=k)`` samples exactly as
-  ``student.sample(nfe=k)`` (load it after ``import fewstep.hub``).
+  ``student.sample(nfe=k)`` (load it after ``import fewstep.hub``). A ``UNet2DModel`` student gives a
+  ``ConsistencyModelPipeline`` (``unet/`` + ``scheduler/``); a student of a text-to-image pipeline (SD, SDXL)
+  gives that pipeline with the student's UNet (a LoRA adapter fused into it) and the scheduler, so
+  ``pipe(prompt, num_inference_steps=k, guidance_scale=1)`` gives the student's images (guidance, if the teacher
+  had it, is distilled into the student).
 * ``lora``: the peft LoRA layers of a student's diffusers network (see :func:`add_lora`; diffusers supports
-  LoRA on ``UNet2DConditionModel`` and the transformers, not on ``UNet2DModel``) in the file
-  ``StableDiffusionLoraLoaderMixin.save_lora_weights`` writes (``pytorch_lora_weights.safetensors``, keys
-  under ``unet.``), which ``pipe.load_lora_weights(folder)`` reads.
+  LoRA on ``UNet2DConditionModel`` and the transformers, not on ``UNet2DModel``) in the file the pipeline's
+  ``save_lora_weights`` writes (``pytorch_lora_weights.safetensors``), which ``pipe.load_lora_weights(folder)``
+  reads, with the student's scheduler in ``scheduler/``
+  (``pipe.scheduler = FewstepScheduler.from_pretrained(folder, subfolder="scheduler")``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +29,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from torch import nn
 
 from fewstep.errors import ConfigError
+from fewstep.hub.pipelines import load_pipeline, pipeline_kind
 from fewstep.hub.scheduler import FewstepScheduler
 from fewstep.models.io import write_folder
 from fewstep.nets.diffusers_backbone import DiffusersBackbone
@@ -55,20 +61,44 @@ def export_fewstep(student, out: str | Path) -> None:
     student.save(out)
 
 
-def export_diffusers(student, out: str | Path, default_nfe: int | None = None) -> None:
-    """Write a pipeline folder that ``DiffusionPipeline.from_pretrained(out)`` loads (after ``import
-    fewstep.hub``); ``default_nfe`` is the NFE of ``scheduler.set_timesteps`` at load (default: smallest)."""
-    unet = diffusers_network(student)
-    if type(unet).__name__ != "UNet2DModel":
-        raise ConfigError(f"diffusers pipeline export supports UNet2DModel students; this one is "
-                          f"{type(unet).__name__} (export --format fewstep or lora instead)")
+def student_scheduler(student, default_nfe: int | None = None) -> FewstepScheduler:
+    """The :class:`FewstepScheduler` that samples as ``student`` does at each NFE it has an ``euler`` or
+    ``consistency`` schedule for; ``default_nfe`` is the NFE set at load (default: smallest)."""
     sampling = {str(nfe): asdict(spec) for nfe, spec in sorted(student.sampling.items())
                 if spec.sampler in ("euler", "consistency")}
     if not sampling:
         raise ConfigError("the student samples with neither 'euler' nor 'consistency' at any NFE; nothing to export")
-    scheduler = FewstepScheduler(student.denoiser.config(), sampling,
-                                 default_nfe if default_nfe is not None else min(map(int, sampling)))
-    pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    return FewstepScheduler(student.denoiser.config(), sampling,
+                            default_nfe if default_nfe is not None else min(map(int, sampling)))
+
+
+def teacher_pipeline(student) -> Path | None:
+    """The pipeline folder a text-to-image student was distilled from (its ``teacher`` metadata), or None."""
+    teacher = str(student.metadata.get("teacher", ""))
+    return Path(teacher.removeprefix("pipeline:")) if teacher.startswith("pipeline:") else None
+
+
+def export_diffusers(student, out: str | Path, default_nfe: int | None = None) -> None:
+    """Write a pipeline folder that ``DiffusionPipeline.from_pretrained(out)`` loads (after ``import
+    fewstep.hub``); ``default_nfe`` is the NFE of ``scheduler.set_timesteps`` at load (default: smallest)."""
+    network = diffusers_network(student)
+    kind = type(network).__name__
+    folder = teacher_pipeline(student)
+    if kind == "UNet2DConditionModel" and folder is not None:
+        pipeline = load_pipeline(folder)
+        if not hasattr(pipeline, "unet"):
+            raise ConfigError(f"full pipeline export supports the UNet pipelines; {folder} is a "
+                              f"{type(pipeline).__name__} (export --format lora instead)")
+        network = copy.deepcopy(network)
+        if getattr(network, "_hf_peft_config_loaded", False):
+            network.fuse_lora()
+            network.unload_lora()
+        pipeline.register_modules(unet=network, scheduler=student_scheduler(student, default_nfe))
+    elif kind == "UNet2DModel":
+        pipeline = ConsistencyModelPipeline(unet=network, scheduler=student_scheduler(student, default_nfe))
+    else:
+        raise ConfigError(f"diffusers pipeline export supports UNet2DModel students and students of SD / SDXL "
+                          f"pipelines; this one is a {kind} (export --format fewstep or lora instead)")
     _write_atomically(out, "diffusers", pipeline.save_pretrained)
 
 
@@ -96,8 +126,22 @@ def export_lora(student, out: str | Path) -> None:
         raise ConfigError("the student has no LoRA adapter to export; add one with fewstep.hub.add_lora "
                           "before distilling, or export --format diffusers")
     layers = get_peft_model_state_dict(unet)
-    _write_atomically(out, "lora", lambda folder: ConsistencyModelLoraPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers))
+    folder = teacher_pipeline(student)
+    if folder is None:
+        loader, keyword = ConsistencyModelLoraPipeline, "unet_lora_layers"
+    else:
+        import diffusers
+
+        name, kind = pipeline_kind(folder)
+        loader, keyword = getattr(diffusers, name), f"{kind.network}_lora_layers"
+    scheduler = student_scheduler(student) if folder is not None else None
+
+    def write(target: Path) -> None:
+        loader.save_lora_weights(target, **{keyword: layers})
+        if scheduler is not None:
+            scheduler.save_pretrained(target / "scheduler")
+
+    _write_atomically(out, "lora", write)
 
 
 def export_student(student, out: str | Path, format: str = "fewstep", overwrite: bool = False) -> None:

@@ -63,13 +63,15 @@ def scheduler_reading(scheduler_config, model_class: str, model_config: dict) ->
 
 def diffusers_denoiser(model: nn.Module, scheduler_config, data_shape: tuple[int, ...] | None = None,
                        num_classes: int | None = None, encoder_hidden_states: Tensor | None = None,
-                       pooled_projections: Tensor | None = None, guidance: float | None = None) -> PathDenoiser:
+                       pooled_projections: Tensor | None = None, guidance: float | None = None,
+                       time_ids: list[float] | None = None) -> PathDenoiser:
     """A built diffusers model read as a denoiser, with path, prediction and time scale from its scheduler
     (a diffusers scheduler or its config dict).
 
     ``data_shape`` defaults to ``(in_channels, sample_size, sample_size)`` (required for FLUX, whose config
     has no image size: give the unpacked latent shape ``(C, H, W)``). ``num_classes`` defaults to the
-    model's class-embedding count (0 for unconditional and text models)."""
+    model's class-embedding count (0 for unconditional and text models). ``time_ids``: an SDXL UNet's size
+    conditioning."""
     model_class = type(model).__name__
     check_model_class(model_class)
     config = dict(model.config)
@@ -86,7 +88,8 @@ def diffusers_denoiser(model: nn.Module, scheduler_config, data_shape: tuple[int
     backbone = DiffusersBackbone(
         model_class, config, list(data_shape), num_classes,
         None if encoder_hidden_states is None else list(encoder_hidden_states.shape),
-        None if pooled_projections is None else list(pooled_projections.shape), guidance, model=model)
+        None if pooled_projections is None else list(pooled_projections.shape), guidance, model=model,
+        time_ids=time_ids)
     backbone.set_conditioning(encoder_hidden_states, pooled_projections)
     reading = scheduler_reading(scheduler_config, model_class, config)
     return PathDenoiser(backbone, reading["path"], reading["prediction"], reading["time_scale"])

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.data.batch import Batch, CompositeBatch
-from fewstep.models.denoiser import CountingDenoiser, Denoiser, EDMDenoiser, innermost
+from fewstep.models.denoiser import CountingDenoiser, Denoiser, EDMDenoiser, PathDenoiser, innermost
 from fewstep.solvers import DEFAULT_TEACHER_NFE, Sampling
 
 
@@ -99,8 +99,12 @@ class DistillationMethod(nn.Module):
     @classmethod
     def build_student(cls, teacher: Denoiser, config: MethodConfig, new_backbone: Callable[[], nn.Module],
                       sigma_data: float) -> Denoiser:
-        """The student a run starts from: the teacher's network (copied) when it has one, else
-        ``new_backbone()``, EDM-preconditioned. Methods with another parametrisation override this."""
+        """The student a run starts from: the teacher's network (copied) read the teacher's way when it has one (a
+        diffusers network keeps its path, prediction and time convention, so the student starts as the teacher),
+        else ``new_backbone()``, EDM-preconditioned. Methods with another parametrisation override this."""
+        inner = innermost(teacher)
+        if isinstance(inner, PathDenoiser):
+            return copy.deepcopy(inner).requires_grad_(True)
         return EDMDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data)
 
     @property

@@ -7,7 +7,8 @@ pooled vector); without one, the backbone uses a fixed tensor of precomputed ``e
 ``pooled_projections`` for SD3 / FLUX) held as buffers, so no text encoder is needed. Each model family's call:
 
 * ``UNet2DModel``: ``model(x, t, class_labels=label)``;
-* ``UNet2DConditionModel``: ``model(x, t, encoder_hidden_states)``;
+* ``UNet2DConditionModel``: ``model(x, t, encoder_hidden_states)``; an SDXL-style one (``addition_embed_type
+  "text_time"``) also takes the pooled vector and the size conditioning ``time_ids`` fixed at construction;
 * ``DiTTransformer2DModel`` / ``Transformer2DModel``: ``model(x, t, class_labels=label)`` (a missing label
   is the null class); a learned-variance output keeps its first ``C`` channels;
 * ``SD3Transformer2DModel``: ``model(x, encoder_hidden_states, pooled_projections, t)``;
@@ -46,7 +47,7 @@ class DiffusersBackbone(nn.Module):
     def __init__(self, model_class: str, model_config: dict, data_shape: list[int], num_classes: int = 0,
                  encoder_hidden_states_shape: list[int] | None = None,
                  pooled_projections_shape: list[int] | None = None, guidance: float | None = None,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, time_ids: list[float] | None = None):
         super().__init__()
         check_model_class(model_class)
         if model is None:
@@ -55,6 +56,11 @@ class DiffusersBackbone(nn.Module):
             model = getattr(diffusers, model_class).from_config(model_config)
         self.model, self.model_class = model, model_class
         self.data_shape, self.num_classes, self.guidance = tuple(data_shape), int(num_classes), guidance
+        self.time_ids = None if time_ids is None else [float(value) for value in time_ids]
+        if model.config.get("addition_embed_type") == "text_time" and (time_ids is None or pooled_projections_shape
+                                                                         is None):
+            raise ConfigError(f"this {model_class} (SDXL-style) needs pooled_projections and time_ids (the size "
+                              "conditioning (H, W, top, left, H, W)): build it with fewstep.hub.pipelines")
         if model_class in NEEDS_TEXT and encoder_hidden_states_shape is None:
             raise ConfigError(f"a {model_class} teacher needs text conditioning: pass encoder_hidden_states "
                               "(precomputed prompt embeddings, shape (1 or B, tokens, dim))")
@@ -68,7 +74,8 @@ class DiffusersBackbone(nn.Module):
         self.hparams = {"model_class": model_class, "model_config": dict(model.config),
                         "data_shape": list(data_shape), "num_classes": self.num_classes,
                         "encoder_hidden_states_shape": encoder_hidden_states_shape,
-                        "pooled_projections_shape": pooled_projections_shape, "guidance": guidance}
+                        "pooled_projections_shape": pooled_projections_shape, "guidance": guidance,
+                        "time_ids": self.time_ids}
 
     def set_conditioning(self, encoder_hidden_states: Tensor | None = None,
                          pooled_projections: Tensor | None = None) -> None:
@@ -113,8 +120,11 @@ class DiffusersBackbone(nn.Module):
             out = self.model(h, t, class_labels=label if self.num_classes else None, return_dict=False)[0]
         elif kind == "UNet2DConditionModel":
             text = self._text(text, batch, dtype)
+            added = None if self.time_ids is None else {
+                "text_embeds": text.pooled, "time_ids": torch.tensor(self.time_ids, dtype=dtype, device=x.device
+                                                                     ).expand(batch, -1)}
             out = self.model(h, t, encoder_hidden_states=text.embeddings, encoder_attention_mask=text.mask,
-                             return_dict=False)[0]
+                             added_cond_kwargs=added, return_dict=False)[0]
         elif kind in ("DiTTransformer2DModel", "Transformer2DModel"):
             kwargs = {} if text is None and self.encoder_hidden_states is None else {
                 "encoder_hidden_states": self._text(text, batch, dtype).embeddings}

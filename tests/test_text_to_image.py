@@ -1,0 +1,179 @@
+"""The text-to-image job end to end on tiny pipelines built from configs (random weights, no download): a prompt
+file -> the pipeline's own text encoders (cached) -> a LoRA student distilled on latents -> export -> diffusers
+loads it -> the same images as fewstep's own sampling."""
+
+import shutil
+import warnings
+
+import diffusers
+import pytest
+import torch
+
+import fewstep
+from fewstep import hub
+from fewstep.data.prompts import read_prompts
+from fewstep.errors import ConfigError, DataError
+from fewstep.hub import pipelines
+from tiny_pipelines import build
+
+PROMPTS = "a cat\na dog\n\na red fox\n"
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: build(kind, root / kind) for kind in ("sd", "sdxl", "sd3")}
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text(PROMPTS)
+    return path
+
+
+def test_prompt_files_of_every_format_read_the_same_prompts(tmp_path):
+    (tmp_path / "p.csv").write_text('id,caption\n1,a cat\n2,"a dog, brown"\n3,\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n\n{"text": "a dog, brown"}\n')
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog, brown  \n")
+    for name in ("p.csv", "p.jsonl", "p.txt"):
+        assert read_prompts(tmp_path / name) == ["a cat", "a dog, brown"], name
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", "\n \n", "holds no prompt"),
+    ("bytes.txt", b"\xff\xfe\x00bad", "cannot read"),
+    ("prompts.yaml", "- a cat\n", "use a .txt"),
+    ("nocol.csv", "id,label\n1,cat\n", "no prompt/caption/text column"),
+    ("bad.jsonl", '{"prompt": "a cat"}\nnot json\n', "line 2 is not JSON"),
+    ("nokey.jsonl", '{"label": "a cat"}\n', "line 1 has no string"),
+    ("missing.txt", None, "cannot read"),
+])
+def test_a_bad_prompt_file_is_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_prompts(path)
+
+
+def test_a_second_run_with_the_same_prompts_encodes_none(folders, prompt_file, tmp_path):
+    start = pipelines.ENCODED["prompts"]
+    first = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    encoded = pipelines.ENCODED["prompts"] - start
+    second = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    assert encoded == 3 + 1  # three prompts and the null (empty) prompt
+    assert pipelines.ENCODED["prompts"] - start == encoded  # the second run read the cache
+    assert torch.equal(first.dataset.conditions.embeddings, second.dataset.conditions.embeddings)
+    assert torch.equal(first.null.embeddings, second.null.embeddings)
+    other = tmp_path / "other.txt"
+    other.write_text("a cat\na bird\n")
+    fewstep.Teacher.from_pipeline(folders["sd"], other)
+    assert pipelines.ENCODED["prompts"] - start == encoded + 3  # other prompts: encoded anew
+
+
+def test_a_prompt_longer_than_the_encoder_takes_is_truncated_with_a_warning_naming_it(folders, tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("a cat\n" + "a very long prompt about many things\n")
+    with pytest.warns(UserWarning, match=r"prompt 2 \('a very long.*more than the text encoder's 16"):
+        fewstep.Teacher.from_pipeline(folders["sd"], path)
+
+
+def test_a_pipeline_folder_missing_a_component_is_refused_before_anything_is_written(folders, prompt_file,
+                                                                                       tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["sdxl"], broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ConfigError, match="missing its text_encoder_2"):
+        fewstep.Teacher.from_pipeline(broken, prompt_file)
+    assert not (tmp_path / "cache" / "prompts").exists()
+    with pytest.raises(ConfigError, match="not a diffusers pipeline folder"):
+        fewstep.Teacher.from_pipeline(tmp_path, prompt_file)
+
+
+def test_a_data_method_without_images_names_what_to_give(folders, prompt_file):
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    with pytest.raises(DataError, match=r"trains on real samples.*captioned images.*data-free"):
+        fewstep.distill(teacher, "cd", steps=1, batch_size=2, progress=False)
+
+
+def distilled(folder, prompt_file, rank: int = 4):
+    teacher = fewstep.Teacher.from_pipeline(folder, prompt_file, guidance_scale=2.0)
+    student = fewstep.distill(teacher, "diff_instruct", steps=2, batch_size=2, lr=1e-2, progress=False,
+                              lora_rank=rank, method_args={"fake_warmup": 0})
+    return teacher, student
+
+
+def student_latents(student, cond, nfe: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, *student.dataset.data_shape), generator=generator)
+    return student.sample(1, nfe=nfe, noise=noise, generator=generator, cond=cond)
+
+
+def pipeline_latents(pipe, prompt: str, nfe: int, seed: int) -> torch.Tensor:
+    return pipe(prompt, num_inference_steps=nfe, guidance_scale=1.0, height=16, width=16, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_exported_pipeline_and_lora_give_the_students_own_images(folders, prompt_file, tmp_path, kind):
+    """prompts -> cached embeddings -> LoRA distillation -> export (full pipeline, and LoRA + scheduler) ->
+    ``DiffusionPipeline.from_pretrained`` (+ ``load_lora_weights``) -> the student's latents for the same prompt and
+    seed, to float32 round-off."""
+    teacher, student = distilled(folders[kind], prompt_file)
+    network = student.denoiser.backbone.model
+    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in name for name in trainable)
+    hub.export_student(student, tmp_path / "pipe", "diffusers")
+    hub.export_student(student, tmp_path / "lora", "lora")
+    full = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    with_lora = diffusers.DiffusionPipeline.from_pretrained(folders[kind])
+    with_lora.load_lora_weights(tmp_path / "lora")
+    with_lora.scheduler = hub.FewstepScheduler.from_pretrained(tmp_path / "lora", subfolder="scheduler")
+    plain = diffusers.DiffusionPipeline.from_pretrained(folders[kind])
+    plain.scheduler = hub.FewstepScheduler.from_pretrained(tmp_path / "lora", subfolder="scheduler")
+    cond = teacher.dataset.conditions[1:2]  # "a dog"
+    for nfe in (1, 2, 4):
+        ours = student_latents(student, cond, nfe, seed=nfe)
+        for name, pipe in (("full pipeline", full), ("pipeline + LoRA", with_lora)):
+            diff = (pipeline_latents(pipe, "a dog", nfe, seed=nfe) - ours).abs().max().item()
+            print(f"{kind} {name} vs fewstep at {nfe} NFE: max abs diff {diff:.2e}")
+            assert diff < 1e-5
+        without = (pipeline_latents(plain, "a dog", nfe, seed=nfe) - ours).abs().max().item()
+        assert without > 1e-3  # the LoRA matters: the base network alone gives other latents
+    images = full("a dog", num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="pt",
+                  generator=torch.Generator().manual_seed(2)).images
+    decoded = pipelines.LatentCodec(teacher.pipeline.vae).decode(student_latents(student, cond, 2, seed=2))
+    assert (images - (decoded / 2 + 0.5).clamp(0, 1)).abs().max().item() < 1e-5
+
+
+def test_a_transformer_pipelines_lora_loads_and_changes_its_network_as_the_students(folders, prompt_file, tmp_path):
+    """SD3-like: the LoRA file loads with ``load_lora_weights`` into the pipeline's transformer, which then answers
+    as the student's network does."""
+    teacher, student = distilled(folders["sd3"], prompt_file)
+    hub.export_student(student, tmp_path / "lora", "lora")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folders["sd3"], text_encoder_3=None, tokenizer_3=None)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 800.0])
+    cond = teacher.dataset.conditions[:2]
+    kwargs = {"encoder_hidden_states": cond.embeddings, "pooled_projections": cond.pooled, "timestep": t}
+    with torch.no_grad():
+        base = pipe.transformer(x, **kwargs).sample
+        pipe.load_lora_weights(tmp_path / "lora")
+        loaded = pipe.transformer(x, **kwargs).sample
+        ours = student.denoiser.backbone(x, t, cond)
+    print(f"sd3 LoRA: changes the network by {(loaded - base).abs().max():.2e}, "
+          f"pipeline vs student {(loaded - ours).abs().max():.2e}")
+    assert (loaded - base).abs().max() > 1e-4 and (loaded - ours).abs().max() < 1e-5
+
+
+def test_lora_rank_must_be_positive(folders, prompt_file):
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match="lora_rank must be a positive"):
+        fewstep.distill(teacher, "diff_instruct", steps=1, batch_size=2, progress=False, lora_rank=0)
