@@ -14,6 +14,7 @@ from fewstep import hub
 from fewstep.data.prompts import read_prompts
 from fewstep.errors import ConfigError, DataError
 from fewstep.hub import pipelines
+from fewstep.models.denoiser import BoundaryDenoiser
 from tiny_pipelines import build
 
 PROMPTS = "a cat\na dog\n\na red fox\n"
@@ -177,3 +178,107 @@ def test_lora_rank_must_be_positive(folders, prompt_file):
     teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
     with warnings.catch_warnings(), pytest.raises(ConfigError, match="lora_rank must be a positive"):
         fewstep.distill(teacher, "diff_instruct", steps=1, batch_size=2, progress=False, lora_rank=0)
+
+
+def image_folder(folder, count: int = 4):
+    from PIL import Image
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = (torch.rand(20, 24, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"image{i}.png")
+        if i % 2 == 0:
+            (folder / f"image{i}.txt").write_text(["a cat", "a dog"][i // 2 % 2])
+    return folder
+
+
+def test_lcm_lora_on_captioned_images_exports_a_pipeline_that_gives_its_images(folders, tmp_path):
+    """The consistency family on a diffusers teacher: LCM-LoRA (no guidance input, the teacher guided at one weight,
+    consistency coefficients around the teacher's own prediction) on a captioned image folder, whose latents are
+    encoded once."""
+    images = image_folder(tmp_path / "images")
+    start = dict(pipelines.ENCODED)
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], images=images, guidance_scale=3.0)
+    assert pipelines.ENCODED["images"] - start["images"] == 4
+    assert teacher.dataset.train_x.shape == (4, 4, 8, 8) and len(teacher.dataset.train_y) == 4
+    fewstep.Teacher.from_pipeline(folders["sd"], images=images)
+    assert pipelines.ENCODED["images"] - start["images"] == 4  # the latents came from the cache
+    student = fewstep.distill(teacher, "lcm", steps=2, batch_size=2, lr=1e-2, progress=False, lora_rank=4)
+    assert isinstance(student.denoiser, BoundaryDenoiser)
+    top = float(teacher.denoiser.path.ve_sigma(torch.tensor(999.0)))  # the SD schedule's last level, about 14.6
+    assert 14 < top < 15 and student.sampling[1].sigmas[0] == pytest.approx(top)  # not EDM's 80
+    x = torch.randn(2, 4, 8, 8)
+    level = torch.full((2,), student.denoiser.sigma_min)
+    assert torch.equal(student.denoiser(x, level, teacher.dataset.train_y[:2]), x)  # f(x, s_min) = x
+    hub.export_student(student, tmp_path / "pipe", "diffusers")
+    hub.export_student(student, tmp_path / "lora", "lora")
+    full = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    with_lora = diffusers.DiffusionPipeline.from_pretrained(folders["sd"])
+    with_lora.load_lora_weights(tmp_path / "lora")
+    with_lora.scheduler = hub.FewstepScheduler.from_pretrained(tmp_path / "lora", subfolder="scheduler")
+    for nfe in (1, 4):
+        ours = student_latents(student, teacher.dataset.train_y[:1], nfe, seed=nfe)  # "a cat"
+        lora = (pipeline_latents(with_lora, "a cat", nfe, seed=nfe) - ours).abs().max().item()
+        fused = (pipeline_latents(full, "a cat", nfe, seed=nfe) - ours).abs().max().item()
+        scale = ours.abs().max().item()
+        print(f"LCM-LoRA vs fewstep at {nfe} NFE (latents up to {scale:.1f}): pipeline + LoRA {lora:.2e}, full "
+              f"pipeline (LoRA fused into the weights) {fused:.2e}")
+        assert lora < 1e-5 and fused < 1e-6 * max(scale, 1.0)  # fusing rounds each weight once
+
+
+def test_a_corrupt_or_missing_image_is_one_clear_error_before_anything_is_written(folders, tmp_path):
+    images = image_folder(tmp_path / "images", count=2)
+    (images / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read the image .*broken.png"):
+        fewstep.Teacher.from_pipeline(folders["sd"], images=images)
+    assert not (tmp_path / "cache" / "latents").exists()
+    (images / "none").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        fewstep.Teacher.from_pipeline(folders["sd"], images=images / "none")
+
+
+def test_fewstep_distill_from_a_pipeline_folder_and_a_prompt_file(folders, prompt_file, tmp_path, capsys):
+    """The command-line job, ``fewstep distill teacher.source=PIPELINE data.prompts=FILE method=...
+    student.lora_rank=8``, writes the LoRA, the pipeline and a report comparing the student with the teacher on
+    the same prompts and noise."""
+    from fewstep.cli import main
+
+    out = tmp_path / "run"
+    code = main(["distill", f"teacher.source={folders['sd']}", f"data.prompts={prompt_file}", "method=diff_instruct",
+                 "student.lora_rank=8", "train.steps=2", "train.batch_size=2", "method_args.fake_warmup=0",
+                 "eval.teacher_nfe=[8]", "eval.n_samples=2", f"out={out}", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| NFE | latent RMSE | pixel RMSE |" in printed
+    assert {"lora", "pipeline", "report.json", "report.md", "samples.png"} <= {p.name for p in out.iterdir()}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert isinstance(pipe.scheduler, hub.FewstepScheduler)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.prompts=PROMPTS", "method=cd"], "method cd trains on real data: give data.images"),
+    (["method=diff_instruct"], "needs data.prompts"),
+    (["data.prompts=PROMPTS", "student.lora_rank=0"], "student.lora_rank must be a positive"),
+    (["data.prompts=EMPTY"], "holds no prompt"),
+    (["data.images=NOWHERE"], "no image folder"),
+])
+def test_a_bad_text_job_exits_2_with_one_line_and_writes_nothing(folders, prompt_file, tmp_path, capsys,
+                                                                 overrides, message):
+    from fewstep.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n")
+    names = {"PROMPTS": str(prompt_file), "EMPTY": str(tmp_path / "empty.txt"), "NOWHERE": str(tmp_path / "nowhere")}
+    overrides = [o.split("=")[0] + "=" + names.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
+    out = tmp_path / "run"
+    code = main(["distill", f"teacher.source={folders['sd']}", *overrides, f"out={out}", "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and len(error.splitlines()) == 1, error
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_text_job_keys_without_a_pipeline_teacher_are_refused(tmp_path, capsys):
+    from fewstep.cli import main
+
+    code = main(["distill", "data.prompts=p.txt", f"out={tmp_path / 'run'}", "--quiet"])
+    assert code == 2 and "teacher.source to a diffusers pipeline folder" in capsys.readouterr().err

@@ -240,6 +240,9 @@ def _distill_process(recipe, progress: bool, resume_changed: bool) -> None:
 def _print_report(report: dict, out: Path) -> None:
     from fewstep.eval.evaluate import format_table
 
+    if report.get("kind") == "text_to_image":
+        print((out / "report.md").read_text())
+        return
     print(format_table(report))
     print(f"\nwrote {out}/report.md, report.json, samples.png, quality_vs_nfe.png and the student in {out}/student")
 

@@ -60,6 +60,28 @@ class EvalRecipe:
     monitor_samples: int = 500
 
 
+@dataclass
+class DataRecipe:
+    """A text-to-image job's data, read when ``teacher.source`` is a diffusers pipeline folder: ``prompts`` (a
+    ``.txt``, ``.csv`` or ``.jsonl`` prompt file) are what data-free methods draw; ``images`` (a folder of images
+    with optional same-name ``.txt`` captions) are real data for the methods that train on it;
+    ``negative_prompt`` is guidance's null condition; ``resolution`` is in pixels (default: the pipeline
+    network's own size)."""
+
+    prompts: str | None = None
+    images: str | None = None
+    negative_prompt: str = ""
+    resolution: int | None = None
+
+
+@dataclass
+class StudentRecipe:
+    """The student of a diffusers teacher: with ``lora_rank`` a peft LoRA adapter of that rank trains on its frozen
+    network (the default for a text-to-image job is all weights)."""
+
+    lora_rank: int | None = None
+
+
 def _demo_train_config() -> TrainConfig:
     return TrainConfig(steps=2000, lr=4e-4)
 
@@ -75,6 +97,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=_demo_train_config)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
     student_backbone_args: dict = field(default_factory=dict)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    student: StudentRecipe = field(default_factory=StudentRecipe)
     out: str = "runs/default"
 
 

@@ -222,11 +222,12 @@ class VPDiscrete(NoisePath):
 
     def __init__(self, alphas_cumprod: list[float] | None = None):
         if alphas_cumprod is None:  # DDPM's schedule: 1000 steps, betas linear from 1e-4 to 0.02 (in float32)
-            alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0).tolist()
+            alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32, device="cpu"),
+                                           0).tolist()
         if len(alphas_cumprod) < 2:
             raise ValueError("a discrete VP schedule needs at least two alphas_cumprod values")
         self.alphas_cumprod = [float(a) for a in alphas_cumprod]
-        cumprod = torch.tensor(self.alphas_cumprod, dtype=torch.float64)
+        cumprod = torch.tensor(self.alphas_cumprod, dtype=torch.float64, device="cpu")  # CPU also when built on meta
         self.log_sigmas = 0.5 * torch.log((1 - cumprod) / cumprod)
         if not bool((self.log_sigmas.diff() > 0).all()):
             raise ValueError("alphas_cumprod must decrease strictly with time")

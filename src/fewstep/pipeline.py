@@ -18,7 +18,7 @@ from fewstep.data.sources import Source, TeacherPairs, make_source, pair_labels
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import DistillationMethod
+from fewstep.methods.base import DistillationMethod, teacher_max_level
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import one_line
 from fewstep.nets import build_backbone
@@ -50,10 +50,16 @@ def build_method(teacher: Teacher, method: str | type[DistillationMethod], metho
                  lora_rank: int | None = None) -> DistillationMethod:
     """Instantiate a method (a registered name, or a method class): validate its config (with its schedule fitted
     to a run of ``steps`` steps when given), build its student from the teacher, and hand it the guided teacher
-    (which it counts). With ``lora_rank`` the student is its diffusers network frozen plus a peft LoRA adapter of
-    that rank on the attention projections (:func:`fewstep.hub.add_lora`): only the adapter trains."""
+    (which it counts). Levels above a diffusers VP teacher's highest one are brought down to it
+    (:meth:`DistillationMethod.fit_to_teacher`). With ``lora_rank`` the student is its diffusers network frozen
+    plus a peft LoRA adapter of that rank on the attention projections (:func:`fewstep.hub.add_lora`): only the
+    adapter trains."""
     method_cls = method_class(method)
-    config = build_dataclass(method_cls.Config, method_args_for(method_cls, method_args, steps), "method_args")
+    args = method_args_for(method_cls, method_args, steps)
+    max_level = teacher_max_level(teacher.denoiser)
+    if max_level is not None:
+        args = {**method_cls.fit_to_teacher(max_level, args), **args}
+    config = build_dataclass(method_cls.Config, args, "method_args")
     dataset = teacher.dataset
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}
 

@@ -14,9 +14,19 @@ from pathlib import Path
 
 import torch
 
-from fewstep.config import Recipe, TeacherRecipe, check_device, recipe_to_dict
+from fewstep.config import (
+    DataRecipe,
+    Recipe,
+    StudentRecipe,
+    TeacherRecipe,
+    build_dataclass,
+    check_device,
+    recipe_to_dict,
+)
 from fewstep.data import load_dataset
 from fewstep.data.batch import NEEDS
+from fewstep.data.images import image_files
+from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
 from fewstep.eval.evaluate import (
@@ -34,7 +44,7 @@ from fewstep.guidance import CONVENTIONS, cfg_weight
 from fewstep.methods import METHODS
 from fewstep.models.io import check_model_files
 from fewstep.outputs import claim, mark
-from fewstep.pipeline import check_method, distill, new_method
+from fewstep.pipeline import check_method, distill, method_args_for, method_class, new_method
 from fewstep.solvers import DEFAULT_TEACHER_NFE, TEACHER_SOLVERS
 from fewstep.student import Student
 from fewstep.teachers import Teacher, check_backbone_args, check_dataset, model_role
@@ -48,11 +58,25 @@ MAX_EVAL_SAMPLES = 200_000
 RECIPE_FILE = "recipe.json"
 
 
+def is_pipeline_folder(source: str) -> bool:
+    """Whether a teacher source is a diffusers pipeline folder (a text-to-image job)."""
+    return (Path(source) / "model_index.json").is_file()
+
+
 def check_recipe(recipe: Recipe, resume_changed: bool = False) -> None:
     """Refuse a recipe that cannot run, naming the key to fix, before any teacher is trained and before anything is
     written: dataset, method and its arguments (checked by the method itself), teacher, guidance, training and
     evaluation settings, the student network, and the output folder (new, empty, or this recipe's earlier run;
-    an earlier run of another recipe only with ``resume_changed``)."""
+    an earlier run of another recipe only with ``resume_changed``). A diffusers pipeline folder as teacher makes a
+    text-to-image job (:func:`check_text_job`)."""
+    if is_pipeline_folder(recipe.teacher.source):
+        check_text_job(recipe)
+        _check_train(recipe)
+        _check_same_recipe(recipe, claim(recipe.out, "run"), resume_changed)
+        return
+    if recipe.data != DataRecipe() or recipe.student != StudentRecipe():
+        raise ConfigError("data.* and student.lora_rank are for text-to-image jobs: set teacher.source to a "
+                          "diffusers pipeline folder (one with model_index.json)")
     dataset = load_dataset(recipe.dataset)
     try:
         check_method(recipe.method, recipe.method_args, dataset, recipe.train.steps)
@@ -140,7 +164,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (a method's arguments stay one value per key)."""
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key in ("teacher", "train", "eval", "method_args"):
+        if isinstance(value, dict) and key in ("teacher", "train", "eval", "method_args", "data", "student"):
             flat |= _flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
@@ -161,12 +185,114 @@ def resolve_teacher(spec: TeacherRecipe, dataset: str, seed: int = 0, device: st
     return teacher.with_guidance(spec.guidance_scale, spec.guidance_convention)
 
 
+def check_text_job(recipe: Recipe) -> None:
+    """A text-to-image job's own checks: the pipeline folder and its components, the prompt file or image folder,
+    the method and its arguments, the LoRA rank and the resolution (nothing is loaded or written)."""
+    from fewstep.hub.pipelines import pipeline_kind  # imports diffusers
+
+    pipeline_kind(recipe.teacher.source)
+    data = recipe.data
+    if data.prompts is None and data.images is None:
+        raise ConfigError("a text-to-image job needs data.prompts (a .txt, .csv or .jsonl prompt file) or "
+                          "data.images (a folder of captioned images)")
+    if data.prompts is not None:
+        read_prompts(data.prompts)
+    if data.images is not None:
+        image_files(data.images)
+    if recipe.student.lora_rank is not None and recipe.student.lora_rank < 1:
+        raise ConfigError(f"student.lora_rank must be a positive integer, got {recipe.student.lora_rank}")
+    if data.resolution is not None and data.resolution < 1:
+        raise ConfigError(f"data.resolution must be a positive number of pixels, got {data.resolution}")
+    method = method_class(recipe.method)
+    if "data" in method.needs and data.images is None:
+        raise ConfigError(f"method {method.name} trains on real data: give data.images (a folder of captioned "
+                          "images), or choose a data-free method (fewstep methods lists their needs)")
+    build_dataclass(method.Config, method_args_for(method, recipe.method_args, recipe.train.steps), "method_args")
+    if recipe.eval.n_samples is not None and recipe.eval.n_samples < 1:
+        raise ConfigError(f"eval.n_samples must be positive, got {recipe.eval.n_samples}")
+
+
+def run_text_job(recipe: Recipe, progress: bool = True, resume_changed: bool = False) -> dict:
+    """A text-to-image job (:func:`run_recipe` with a pipeline folder as teacher): distil on the pipeline's latents,
+    export the student (``out/lora`` with a LoRA student, ``out/pipeline`` for UNet pipelines, ``out/student``
+    otherwise), and compare it with the teacher on the same prompts and noise (``report.json``, ``report.md``,
+    ``samples.png``)."""
+    started = time.perf_counter()
+    data, out = recipe.data, Path(recipe.out)
+    teacher = Teacher.from_pipeline(recipe.teacher.source, data.prompts, data.images, data.negative_prompt,
+                                    recipe.teacher.guidance_scale, data.resolution)
+    method = new_method(teacher, recipe.method, recipe.method_args, None, recipe.train, recipe.student.lora_rank)
+    mark(out, "run")
+    (out / RECIPE_FILE).write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
+    student = distill(teacher, method, train_config=recipe.train, run_dir=out / "run",
+                      nfe=tuple(recipe.eval.student_nfe), progress=progress, allow_changes=resume_changed)
+    from fewstep.hub import export_student
+
+    exports = ["lora"] if recipe.student.lora_rank else ["fewstep"]
+    if hasattr(teacher.pipeline, "unet"):
+        exports.append("diffusers")
+    folders = {"lora": "lora", "fewstep": "student", "diffusers": "pipeline"}
+    for kind in exports:
+        export_student(student, out / folders[kind], kind, overwrite=True)
+    report = compare_with_teacher(teacher, student, recipe, out)
+    report["exports"] = {kind: str(out / folders[kind]) for kind in exports}
+    report["wall_seconds"] = {"total": time.perf_counter() - started}
+    report["training"] = {"steps": student.train_result.steps_done, "seconds": student.train_result.seconds,
+                          "teacher_evals": student.train_result.teacher_evals}
+    write_json(report, out / "report.json")
+    (out / "report.md").write_text(text_job_markdown(report))
+    return report
+
+
+@torch.no_grad()
+def compare_with_teacher(teacher: Teacher, student: Student, recipe: Recipe, out: Path) -> dict:
+    """The student against the teacher's finely solved ODE (Heun at the largest ``eval.teacher_nfe``) on the same
+    prompts and noise: root-mean-square distance of latents and of decoded pixels (in [-1, 1]) per student NFE,
+    and ``samples.png`` (teacher's row, then one row per NFE)."""
+    from fewstep.hub.pipelines import LatentCodec
+
+    conditions = teacher.dataset.conditions
+    n = min(recipe.eval.n_samples or 8, len(conditions))
+    cond = conditions[:n]
+    noise = torch.randn((n, *teacher.dataset.data_shape), generator=torch.Generator().manual_seed(recipe.eval.seed))
+    reference_nfe = max(recipe.eval.teacher_nfe)
+    reference = teacher.sample(n, "heun", reference_nfe, noise=noise, cond=cond).cpu()
+    codec = LatentCodec(teacher.pipeline.vae)
+    panels = {f"teacher heun@{reference_nfe}": codec.decode(reference).float()}
+    rows = []
+    for nfe in recipe.eval.student_nfe:
+        latents = student.sample(n, nfe, noise=noise, cond=cond, seed=recipe.eval.seed).cpu()
+        pixels = codec.decode(latents).float()
+        panels[f"{student.method} @{nfe}"] = pixels
+        rows.append({"nfe": nfe, "latent_rmse": float((latents - reference).pow(2).mean().sqrt()),
+                     "pixel_rmse": float((pixels - panels[f"teacher heun@{reference_nfe}"]).pow(2).mean().sqrt())})
+    compare_grids({name: images.clamp(-1, 1) for name, images in panels.items()}, out / "samples.png")
+    return {"kind": "text_to_image", "model": teacher.name, "method": student.method,
+            "reference": f"heun@{reference_nfe}", "prompts": n, "results": rows}
+
+
+def text_job_markdown(report: dict) -> str:
+    lines = [f"# fewstep report: {report['method']} from `{report['model']}`", "",
+             f"Student against the teacher's {report['reference']} on the same {report['prompts']} prompts and noise "
+             "(root-mean-square distances; 0 means identical).", "", "| NFE | latent RMSE | pixel RMSE |",
+             "|---|---|---|"]
+    lines += [f"| {row['nfe']} | {row['latent_rmse']:.4g} | {row['pixel_rmse']:.4g} |" for row in report["results"]]
+    training = report["training"]
+    lines += ["", f"Training: {training['steps']} steps in {training['seconds']:.0f} s, "
+              f"{training['teacher_evals'] or 0:,} teacher evaluations.", "",
+              f"Exports: {', '.join(f'{kind} in `{path}`' for kind, path in report['exports'].items())}.", "",
+              "![samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
 def run_recipe(recipe: Recipe, progress: bool = True, resume_changed: bool = False) -> dict:
     """Run the whole job and write ``out/``: ``student/`` (the exported model), ``report.json``,
     ``report.md``, ``samples.png`` (teacher vs student) and ``quality_vs_nfe.png``. Returns the report.
     In a multi-process run every process trains; rank 0 alone evaluates and writes, the others return ``{}``.
     Rerunning into the same ``out`` resumes the run; a changed recipe is refused unless ``resume_changed``."""
     check_recipe(recipe, resume_changed)
+    if is_pipeline_folder(recipe.teacher.source):
+        return run_text_job(recipe, progress, resume_changed)
     out = Path(recipe.out)
     started = time.perf_counter()
     process = accelerator_for(recipe.train.device)  # one of several when launched multi-process

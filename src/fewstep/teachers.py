@@ -15,6 +15,7 @@ from torch import Tensor
 from fewstep.cache import cache_dir
 from fewstep.conditions import Condition, TextCondition
 from fewstep.data import DATASETS, load_dataset
+from fewstep.data.images import image_files
 from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import CheckpointError, ConfigError, DataError
@@ -173,24 +174,42 @@ class Teacher:
                    name)
 
     @classmethod
-    def from_pipeline(cls, folder: str | Path, prompts: str | Path | list[str], negative_prompt: str = "",
-                      guidance_scale: float = 1.0, resolution: int | None = None,
-                      torch_dtype: torch.dtype | None = None) -> Teacher:
-        """A text-to-image teacher: the network of the diffusers pipeline in ``folder`` on its VAE's latents, with
-        ``prompts`` (a prompt file, see :func:`fewstep.data.prompts.read_prompts`, or a list) encoded by the
-        pipeline's own text encoders (cached on disk) as what data-free methods draw, and ``negative_prompt`` as
-        guidance's null condition. ``resolution`` is in pixels (default: the network's own size)."""
-        from fewstep.hub.pipelines import encode_prompts, load_pipeline, pipeline_denoiser, prompt_dataset
+    def from_pipeline(cls, folder: str | Path, prompts: str | Path | list[str] | None = None,
+                      images: str | Path | None = None, negative_prompt: str = "", guidance_scale: float = 1.0,
+                      resolution: int | None = None, torch_dtype: torch.dtype | None = None) -> Teacher:
+        """A text-to-image teacher: the network of the diffusers pipeline in ``folder`` on its VAE's latents.
+        ``prompts`` (a prompt file, see :func:`fewstep.data.prompts.read_prompts`, or a list) are what data-free
+        methods draw; ``images`` (an image folder with optional captions, see :mod:`fewstep.data.images`) are real
+        data for the methods that need it (their captions are the prompts when ``prompts`` is not given). Both are
+        encoded by the pipeline's own encoders and cached on disk. ``negative_prompt`` is guidance's null condition;
+        ``resolution`` is in pixels (default: the network's own size)."""
+        from fewstep.hub.pipelines import (
+            encode_images,
+            encode_prompts,
+            load_pipeline,
+            pipeline_denoiser,
+            prompt_dataset,
+        )
 
-        texts = prompts if isinstance(prompts, list) else read_prompts(prompts)
-        if not texts or not all(isinstance(text, str) for text in texts):
+        if prompts is None and images is None:
+            raise ConfigError("give prompts (a prompt file or list) or images (a captioned image folder), or both")
+        texts = None if prompts is None else prompts if isinstance(prompts, list) else read_prompts(prompts)
+        if texts is not None and (not texts or not all(isinstance(text, str) for text in texts)):
             raise DataError("prompts must be a prompt file or a non-empty list of strings")
+        if images is not None:
+            image_files(images)  # an empty or missing folder is refused before the pipeline loads
         pipe = load_pipeline(folder, torch_dtype)
         denoiser = pipeline_denoiser(pipe, resolution)
-        conditions, null = encode_prompts(pipe, folder, texts, negative_prompt,
-                                          "prompt list" if isinstance(prompts, list) else str(prompts))
-        dataset = prompt_dataset(f"prompts:{prompts if not isinstance(prompts, list) else 'list'}",
-                                 denoiser.data_shape, conditions)
+        latents = captions = None
+        if images is not None:
+            latents, names = encode_images(pipe, images, denoiser.data_shape[-1] * int(pipe.vae_scale_factor))
+            captions, null = encode_prompts(pipe, folder, names, negative_prompt, f"captions of {images}")
+        conditions = captions
+        if texts is not None:
+            conditions, null = encode_prompts(pipe, folder, texts, negative_prompt,
+                                              "prompt list" if isinstance(prompts, list) else str(prompts))
+        source = "list" if isinstance(prompts, list) else prompts if prompts is not None else images
+        dataset = prompt_dataset(f"prompts:{source}", denoiser.data_shape, conditions, latents, captions)
         return cls(denoiser, dataset, f"pipeline:{Path(folder).resolve()}", guidance_scale, "cfg", null, pipe)
 
     @classmethod

@@ -58,6 +58,10 @@ def diffusers_network(student) -> nn.Module:
 
 
 def export_fewstep(student, out: str | Path) -> None:
+    backbone = getattr(getattr(student.denoiser, "denoiser", student.denoiser), "backbone", None)
+    if getattr(getattr(backbone, "model", None), "_hf_peft_config_loaded", False):
+        raise ConfigError("a LoRA student exports as --format lora (the adapter) or diffusers (a pipeline with it "
+                          "fused), not as a fewstep folder")
     student.save(out)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fewstep.cache import atomic_write, cache_dir
 from fewstep.conditions import TextCondition
+from fewstep.data.images import image_files, read_captions, read_images
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
 from fewstep.hub.teachers import diffusers_denoiser
@@ -54,7 +55,7 @@ PIPELINES = {
                                                              "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
     "FluxPipeline": PipelineKind("transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
 }
-ENCODED = {"prompts": 0}  # prompts run through a text encoder in this process (cache hits do not count)
+ENCODED = {"prompts": 0, "images": 0}  # run through an encoder in this process (cache hits do not count)
 
 
 def pipeline_kind(folder: str | Path) -> tuple[str, PipelineKind]:
@@ -149,6 +150,28 @@ def encode_prompts(pipe, folder: str | Path, prompts: list[str], negative_prompt
                if value is not None}
     atomic_write(file, lambda tmp: save_file(tensors, tmp))
     return conditions, null
+
+
+def encode_images(pipe, folder: str | Path, resolution: int) -> tuple[Tensor, list[str]]:
+    """``(latents, captions)`` of the image folder ``folder`` (:mod:`fewstep.data.images`) at ``resolution``
+    pixels, encoded once by the pipeline's VAE and cached, keyed by the VAE's and the images' files."""
+    files = image_files(folder)
+    identity = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    vae_files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(pipe.vae.config._name_or_path
+                                                                                      ).rglob("*")) if f.is_file()]
+    key = hashlib.sha256(json.dumps({"images": identity, "vae": [str(pipe.vae.config._name_or_path), vae_files],
+                                     "resolution": resolution}).encode()).hexdigest()[:24]
+    file = cache_dir() / "latents" / f"{key}.safetensors"
+    captions = read_captions(files)
+    if file.is_file():
+        return load_file(file)["latents"], captions
+    images = read_images(files, resolution)
+    codec = LatentCodec(pipe.vae)
+    latents = torch.cat([codec.encode(images[i:i + 16].to(pipe.device)).float().cpu()
+                         for i in range(0, len(images), 16)])
+    ENCODED["images"] += len(images)
+    atomic_write(file, lambda tmp: save_file({"latents": latents.contiguous()}, tmp))
+    return latents, captions
 
 
 def _condition(tensors: dict[str, Tensor], role: str) -> TextCondition:

@@ -31,6 +31,8 @@ every evaluation (``teacher_evals``); methods never count by hand.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,7 +41,17 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.data.batch import Batch, CompositeBatch
-from fewstep.models.denoiser import CountingDenoiser, Denoiser, EDMDenoiser, PathDenoiser, innermost
+from fewstep.models.denoiser import (
+    BoundaryDenoiser,
+    ConsistencyDenoiser,
+    CountingDenoiser,
+    Denoiser,
+    EDMDenoiser,
+    PathDenoiser,
+    innermost,
+)
+from fewstep.nets import add_extra_conditions
+from fewstep.paths import VPDiscrete
 from fewstep.solvers import DEFAULT_TEACHER_NFE, Sampling
 
 
@@ -97,6 +109,15 @@ class DistillationMethod(nn.Module):
         return {}
 
     @classmethod
+    def fit_to_teacher(cls, max_level: float, args: dict) -> dict:
+        """The config fields that must not exceed the teacher's highest noise level ``max_level`` (a diffusers VP
+        teacher's last timestep, about 14.6 for Stable Diffusion), for the fields ``args`` leaves out: by default
+        ``sigma_max`` and ``init_sigma`` where their defaults lie above it."""
+        fields = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+        return {name: max_level for name in ("sigma_max", "init_sigma")
+                if name in fields and name not in args and fields[name] > max_level}
+
+    @classmethod
     def build_student(cls, teacher: Denoiser, config: MethodConfig, new_backbone: Callable[[], nn.Module],
                       sigma_data: float) -> Denoiser:
         """The student a run starts from: the teacher's network (copied) read the teacher's way when it has one (a
@@ -137,6 +158,31 @@ class DistillationMethod(nn.Module):
         super().train(mode)
         self.teacher.eval()
         return self
+
+
+def consistency_student(teacher: Denoiser, new_backbone: Callable[[], nn.Module], sigma_data: float,
+                        sigma_min: float, extra_conditions: int = 0) -> Denoiser:
+    """A consistency-parametrised student (``f(x, sigma_min) = x``) that starts from the teacher's network: a
+    diffusers teacher's copy read on its own path inside :class:`BoundaryDenoiser` (such a network takes no extra
+    inputs, so ``extra_conditions`` are left out: check ``student.backbone`` for them), else the teacher's backbone
+    (or ``new_backbone()``) with ``extra_conditions`` zero-initialised scalar inputs in a
+    :class:`ConsistencyDenoiser`."""
+    inner = innermost(teacher)
+    if isinstance(inner, PathDenoiser):
+        return BoundaryDenoiser(copy.deepcopy(inner).requires_grad_(True), sigma_min)
+    backbone = teacher_backbone_copy(teacher) or new_backbone()
+    return ConsistencyDenoiser(add_extra_conditions(backbone, extra_conditions) if extra_conditions else backbone,
+                               sigma_data, sigma_min)
+
+
+def teacher_max_level(teacher: Denoiser) -> float | None:
+    """The highest noise level (VE sigma) of a teacher whose path ends at a finite one (a discrete VP schedule),
+    or None (every level has a time)."""
+    inner = innermost(teacher)
+    if not isinstance(inner, PathDenoiser):
+        return None
+    level = float(inner.path.ve_sigma(torch.tensor(inner.path.t_noise, dtype=torch.float64)))
+    return level if math.isfinite(level) and isinstance(inner.path, VPDiscrete) else None
 
 
 def teacher_backbone_copy(teacher: Denoiser) -> nn.Module | None:

@@ -13,6 +13,7 @@ Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a 
   a flow map ``G(x, s, s_next) = (s_next/s) x + (1 - s_next/s) g`` (CTM);
 * :class:`PathDenoiser`: a network trained on another path with another prediction (eps on VP, velocity
   on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``;
+* :class:`BoundaryDenoiser`: consistency coefficients around another denoiser (a diffusers student);
 * :class:`FixedExtraDenoiser`: one of these with its extra scalar inputs held fixed.
 
 Wrappers (:class:`DenoiserWrapper`) answer through another denoiser: :class:`CountingDenoiser` counts the
@@ -226,6 +227,36 @@ class PathDenoiser(Denoiser):
                 "time_scale": self.time_scale, "sigma_data": self.sigma_data}
 
 
+class BoundaryDenoiser(Denoiser):
+    """Consistency coefficients around a denoiser that predicts ``x0`` its own way (LCM's form, for a student that
+    is a copy of a diffusers teacher read on its path)::
+
+        f(x, s) = c_skip x + c_out D(x, s),   c_skip = sd^2 / ((s - s_min)^2 + sd^2),
+                                              c_out  = (s - s_min) / sqrt((s - s_min)^2 + sd^2)
+
+    so ``f(x, s_min) = x`` exactly and ``f`` is ``D`` once ``s >> sd``: built on the teacher's copy, the student
+    starts as the teacher's one-jump denoiser wherever the noise dominates."""
+
+    def __init__(self, denoiser: Denoiser, sigma_min: float = 0.002):
+        super().__init__()
+        self.denoiser, self.sigma_min = denoiser, sigma_min
+        self.sigma_data = float(denoiser.sigma_data)
+        self.data_shape, self.num_classes = denoiser.data_shape, denoiser.num_classes
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.backbone
+
+    def forward(self, x, s, cond=None, extra=None):
+        s = as_sigma(s, x)
+        ds, sd = s - self.sigma_min, self.sigma_data
+        c_skip, c_out = sd**2 / (ds**2 + sd**2), ds / torch.sqrt(ds**2 + sd**2)
+        return bcast(c_skip, x) * x + bcast(c_out, x) * self.denoiser(x, s, cond, extra)
+
+    def config(self) -> dict:
+        return {"kind": "boundary", "sigma_min": self.sigma_min, "denoiser": self.denoiser.config()}
+
+
 class FixedExtraDenoiser(Denoiser):
     """A network denoiser with its ``extra`` scalar conditions held fixed, so that it answers the plain
     ``(x, s, cond)`` call (e.g. a guidance-conditioned LCM student at its sampling guidance scale)."""
@@ -262,5 +293,7 @@ def denoiser_from_config(backbone: nn.Module, config: dict) -> Denoiser:
         return PathDenoiser(backbone, **config)
     if kind == "fixed_extra":
         return FixedExtraDenoiser(denoiser_from_config(backbone, config["denoiser"]), config["extra"])
-    raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency', 'two_time', 'path' or "
-                     "'fixed_extra'")
+    if kind == "boundary":
+        return BoundaryDenoiser(denoiser_from_config(backbone, config["denoiser"]), config["sigma_min"])
+    raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency', 'two_time', 'path', "
+                     "'boundary' or 'fixed_extra'")

@@ -162,7 +162,7 @@ def _build(description: dict, config_path: Path) -> Denoiser:
 def reading_of(denoiser_config: dict) -> dict:
     """Human-readable ``path``, ``prediction`` and ``time_convention`` of a denoiser config."""
     kind = denoiser_config["kind"]
-    if kind == "fixed_extra":
+    if kind in ("fixed_extra", "boundary"):
         return reading_of(denoiser_config["denoiser"])
     if kind in ("edm", "consistency"):
         return {"path": "ve", "prediction": kind, "time_convention": "c_noise = log(sigma) / 4"}

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
-from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
+from fewstep.methods.base import DistillationMethod, MethodConfig, consistency_student
 from fewstep.methods.losses import (
     DISTANCES,
     check_choice,
@@ -39,7 +39,7 @@ from fewstep.methods.losses import (
     ema_update_,
     multistep_sigmas,
 )
-from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
+from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, heun_step, karras_sigmas
 
@@ -77,7 +77,7 @@ class ConsistencyDistillation(DistillationMethod):
     def build_student(cls, teacher: Denoiser, config: CDConfig, new_backbone: Callable[[], nn.Module],
                       sigma_data: float) -> Denoiser:
         """The teacher's network (or a new one) with consistency coefficients: ``f(x, sigma_min) = x``."""
-        return ConsistencyDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data, config.sigma_min)
+        return consistency_student(teacher, new_backbone, sigma_data, config.sigma_min)
 
     def teacher_step(self, x: Tensor, s: Tensor, s_next: Tensor, cond) -> Tensor:
         """One Heun step of the teacher's probability-flow ODE from ``s`` to ``s_next`` (both > 0)."""

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.data.batch import Batch
-from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
+from fewstep.methods.base import DistillationMethod, MethodConfig, consistency_student
 from fewstep.methods.losses import (
     DISTANCES,
     check_choice,
@@ -49,7 +49,7 @@ from fewstep.methods.losses import (
     online_and_target,
     same_eps_pair,
 )
-from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
+from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, karras_sigmas
 
 
@@ -107,7 +107,7 @@ class ConsistencyTraining(DistillationMethod):
     def build_student(cls, teacher: Denoiser, config: CTConfig, new_backbone: Callable[[], nn.Module],
                       sigma_data: float) -> Denoiser:
         """A consistency-parametrised network (the teacher's copy when it has one, as for CD)."""
-        return ConsistencyDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data, config.sigma_min)
+        return consistency_student(teacher, new_backbone, sigma_data, config.sigma_min)
 
     def num_scales(self, step: int) -> int:
         c = self.config

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.data.batch import Batch
-from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
+from fewstep.methods.base import DistillationMethod, MethodConfig, consistency_student
 from fewstep.methods.losses import (
     DISTANCES,
     check_choice,
@@ -48,7 +48,7 @@ from fewstep.methods.losses import (
     online_and_target,
     same_eps_pair,
 )
-from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser
+from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling
 
 WEIGHTINGS = ("inverse_gap", "edm")
@@ -109,7 +109,7 @@ class EasyConsistencyTuning(DistillationMethod):
                       sigma_data: float) -> Denoiser:
         """The teacher's network (copied) with consistency coefficients; a new network when the teacher has
         none (then start at ``start_stage = 0`` to pretrain it)."""
-        return ConsistencyDenoiser(teacher_backbone_copy(teacher) or new_backbone(), sigma_data, config.sigma_min)
+        return consistency_student(teacher, new_backbone, sigma_data, config.sigma_min)
 
     def stage(self, step: int) -> int:
         return self.config.start_stage + step // self.config.steps_per_stage

@@ -28,7 +28,10 @@ Deviations from the paper: no latent space (the data are the teacher's space); t
 schedule instead of the 1000-step DDPM grid (the skip counts levels of that grid); ``w`` enters through the
 backbone's extra-condition embedding (sinusoidal features of ``w``) rather than SD's timestep-style
 embedding; ``teacher_solver = "heun"`` is offered besides DDIM (the paper also tried other ODE solvers).
-The LoRA variant (LCM-LoRA) is not this class.
+On a diffusers teacher (whose network takes no extra input) the student is LCM-LoRA's: no ``w`` input, the
+teacher guided at the one weight ``sampling_guidance`` (``guidance_min`` and ``guidance_max`` are unused), the
+consistency coefficients around the teacher's own prediction (:class:`~fewstep.models.denoiser.BoundaryDenoiser`),
+and with ``lora_rank`` only a LoRA adapter trains.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.guidance import CONVENTIONS, GuidedDenoiser, cfg_weight
-from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
+from fewstep.methods.base import DistillationMethod, MethodConfig, consistency_student
 from fewstep.methods.losses import (
     DISTANCES,
     ODE_STEPS,
@@ -55,8 +58,7 @@ from fewstep.methods.losses import (
     multistep_sigmas,
     ode_step,
 )
-from fewstep.models.denoiser import ConsistencyDenoiser, Denoiser, FixedExtraDenoiser, innermost
-from fewstep.nets import add_extra_conditions
+from fewstep.models.denoiser import BoundaryDenoiser, Denoiser, FixedExtraDenoiser, innermost
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, karras_sigmas
 
@@ -98,13 +100,15 @@ class LatentConsistency(DistillationMethod):
         if config.guidance_min > config.guidance_max:
             raise ConfigError(f"method_args.guidance_min ({config.guidance_min}) must not exceed guidance_max "
                               f"({config.guidance_max})")
-        if len(getattr(student.backbone, "extra_embeddings", ())) != 1:
+        self.takes_weight = not isinstance(student, BoundaryDenoiser)
+        if self.takes_weight and len(getattr(student.backbone, "extra_embeddings", ())) != 1:
             raise ConfigError("the LCM student's backbone needs exactly one extra condition (the guidance weight): "
                               "build it with LatentConsistency.build_student")
-        self.weight_range = (cfg_weight(config.guidance_min, config.guidance_convention),
-                             cfg_weight(config.guidance_max, config.guidance_convention))
         self.sampling_weight = (guided.weight if config.sampling_guidance is None
                                 else cfg_weight(config.sampling_guidance, config.guidance_convention))
+        self.weight_range = (cfg_weight(config.guidance_min, config.guidance_convention),
+                             cfg_weight(config.guidance_max, config.guidance_convention)) if self.takes_weight else (
+            self.sampling_weight, self.sampling_weight)
         self.target = copy.deepcopy(student).requires_grad_(False)
         self.register_buffer("grid", karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
                                                    config.rho, dtype=torch.float32))
@@ -114,9 +118,9 @@ class LatentConsistency(DistillationMethod):
     def build_student(cls, teacher: Denoiser, config: LCMConfig, new_backbone: Callable[[], nn.Module],
                       sigma_data: float) -> Denoiser:
         """The teacher's network (or a new one) with one zero-initialised extra input for the guidance weight,
-        and consistency coefficients: ``f(x, sigma_min, cond, w) = x``."""
-        backbone = add_extra_conditions(teacher_backbone_copy(teacher) or new_backbone(), 1)
-        return ConsistencyDenoiser(backbone, sigma_data, config.sigma_min)
+        and consistency coefficients: ``f(x, sigma_min, cond, w) = x``; a diffusers teacher's copy, which takes no
+        extra input, at one guidance weight (LCM-LoRA's form)."""
+        return consistency_student(teacher, new_backbone, sigma_data, config.sigma_min, extra_conditions=1)
 
     def guided_teacher(self, x: Tensor, s: Tensor, cond, weight: Tensor) -> Tensor:
         """The teacher's x0-prediction guided at the per-sample ``"cfg"`` weights ``weight`` (one evaluation per
@@ -137,10 +141,11 @@ class LatentConsistency(DistillationMethod):
         w_min, w_max = self.weight_range
         weight = w_min + (w_max - w_min) * torch.rand(x0.shape[0], generator=generator, device=x0.device).to(x0)
         x_hi = x0 + bcast(s_hi, x0) * eps
+        extra = (weight[:, None],) if self.takes_weight else ()
         with torch.no_grad():
             x_lo = self.skipping_step(x_hi, s_hi, s_lo, cond, weight)
-            target = self.target(x_lo, s_lo, cond, weight[:, None])
-        prediction = self.student(x_hi, s_hi, cond, weight[:, None])
+            target = self.target(x_lo, s_lo, cond, *extra)
+        prediction = self.student(x_hi, s_hi, cond, *extra)
         return {"loss": distance(prediction, target, self.config.distance, self.huber_c).mean()}
 
     def after_update(self, phase: str, step: int) -> bool:
@@ -149,7 +154,7 @@ class LatentConsistency(DistillationMethod):
 
     def student_denoiser(self) -> Denoiser:
         """The student at the sampling guidance weight: a plain ``(x, s, cond)`` denoiser sharing its weights."""
-        return FixedExtraDenoiser(self.student, [self.sampling_weight])
+        return FixedExtraDenoiser(self.student, [self.sampling_weight]) if self.takes_weight else self.student
 
     def sampling(self, nfe: int) -> Sampling:
         levels = multistep_sigmas(nfe, self.config.sigma_max, self.config.sampling_sigma_min)
