@@ -10,14 +10,17 @@ two sharded -> one with FSDP; metrics within the noise floor of uninterrupted ru
 import csv
 import json
 
+import diffusers
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from fewstep.data import load_dataset
 from fewstep.data.batch import Batch
 from fewstep.data.sources import RealData
 from fewstep.errors import ConfigError
 from fewstep.eval.toy import noise_floor_toy, toy_metrics
+from fewstep.hub import diffusers_denoiser
 from fewstep.methods.base import DistillationMethod, MethodConfig
 from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
 from fewstep.models.denoiser import EDMDenoiser, innermost
@@ -26,7 +29,7 @@ from fewstep.solvers import sample
 from fewstep.train.checkpoint import load_checkpoint
 from fewstep.train.memory import enable_gradient_checkpointing
 from fewstep.train.parallel import launch
-from fewstep.train.sharding import full_state
+from fewstep.train.sharding import full_state, shard_units
 from fewstep.train.trainer import TrainConfig, train
 
 RING = load_dataset("ring8")
@@ -98,6 +101,9 @@ def two_process_runs(tmp) -> None:
     network_teacher = EDMDenoiser(MLP((2,), width=16, depth=1), RING.sigma_data)
     with_network_teacher = cd_method(teacher=network_teacher)
     train(with_network_teacher, RealData(RING.train_x), cd_config(steps=2, distributed="fsdp"), None, progress=False)
+    diffusers_cd = cd_method(teacher=tiny_unet_teacher())
+    train(diffusers_cd, RealData(torch.randn(8, 4, 8, 8)), cd_config(steps=2, batch_size=4, distributed="fsdp"), None,
+          progress=False)
     gathered = {"deterministic": weights(method, result), "accumulated": weights(accumulated, result_k2),
                 "sharded": weights(sharded, sharded_result)}
     if torch.distributed.get_rank() == 0:
@@ -105,6 +111,8 @@ def two_process_runs(tmp) -> None:
                     "sharded_kinds": {name: sorted({type(p).__name__ for p in module.parameters()})
                                       for name, module in with_network_teacher.named_children()},
                     "resumed": resumed_result.ema_student.state_dict(),
+                    "diffusers_units": sum(isinstance(m, FSDPModule) for m in diffusers_cd.student.modules()),
+                    "diffusers_blocks": len(shard_units(diffusers_cd.student.backbone)),
                     "world": torch.distributed.get_world_size()}, tmp / "two.pt")
 
 
@@ -156,6 +164,24 @@ def test_two_processes_equal_one_process_for_a_deterministic_method(runs):
     assert_close(two["deterministic"], one["deterministic"])
     assert_close(two["accumulated"], one["deterministic"])  # 2 processes x 2 micro-batches of 4
     assert_close(two["sharded"], one["deterministic"])  # FSDP: sharded weights, gradients, optimizer state
+
+
+def tiny_unet_teacher():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                          block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=8,
+                                          attention_head_dim=4,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return diffusers_denoiser(unet, diffusers.DDPMScheduler(), encoder_hidden_states=torch.zeros(1, 3, 8))
+
+
+def test_fsdp_shards_a_diffusers_network_block_by_block(runs):
+    """Each UNet down / mid / up block of a diffusers student is its own FSDP unit (a forward pass gathers one
+    block's weights at a time), plus the network and the backbone around them."""
+    _, _, two = runs
+    assert two["diffusers_blocks"] == 5  # two down blocks, the mid block, two up blocks
+    assert two["diffusers_units"] == two["diffusers_blocks"] + 1
 
 
 def test_fsdp_shards_every_network_and_its_optimizer_state(runs):

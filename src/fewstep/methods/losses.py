@@ -10,6 +10,7 @@ Distances are per sample, over all non-batch dimensions:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -66,11 +67,20 @@ def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def target_copy(network: nn.Module) -> nn.Module:
+    """A frozen copy of ``network`` for a target (EMA) network. Parameters already frozen in ``network`` (a LoRA
+    student's base weights) are shared with it, not copied: they never change, and a copy would double the memory
+    LoRA saves."""
+    shared = {id(p): p for p in network.parameters() if not p.requires_grad}
+    return copy.deepcopy(network, shared).requires_grad_(False)
+
+
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, mu: float) -> None:
-    """``theta_target <- mu theta_target + (1 - mu) theta_source``, in place."""
+    """``theta_target <- mu theta_target + (1 - mu) theta_source``, in place (shared parameters are left alone)."""
     for p_target, p in zip(target.parameters(), source.parameters(), strict=True):
-        p_target.lerp_(p, 1.0 - mu)
+        if p_target is not p:
+            p_target.lerp_(p, 1.0 - mu)
 
 
 def ode_step(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, s: Tensor, s_next: Tensor,

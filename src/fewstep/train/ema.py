@@ -14,16 +14,21 @@ def warmup_decay(decay: float, updates: int) -> float:
 
 class EMA:
     """A copy of ``module.state_dict()``: floating-point parameters are averaged,
-    ``shadow = decay * shadow + (1 - decay) * value``; buffers (and non-float entries) are copied."""
+    ``shadow = decay * shadow + (1 - decay) * value``; buffers (and non-float entries) are copied. Parameters frozen
+    when the EMA is made (a LoRA student's base weights) never change, so the shadow holds them by reference."""
 
     def __init__(self, module: nn.Module):
         self.parameter_names = {name for name, _ in module.named_parameters()}
-        self.shadow = {name: value.detach().clone() for name, value in module.state_dict().items()}
+        self.frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+        self.shadow = {name: value.detach() if name in self.frozen else value.detach().clone()
+                       for name, value in module.state_dict().items()}
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: float) -> None:
         for name, value in module.state_dict().items():
             shadow = self.shadow[name]
+            if name in self.frozen:
+                continue
             if name in self.parameter_names and value.is_floating_point():
                 shadow.lerp_(value, 1.0 - decay)
             else:

@@ -2,8 +2,8 @@
 state split over the processes, with torch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 What is sharded: the backbone of every denoiser the method owns (student, target and EMA networks, fake
-score, PD's previous-round student), each known residual block
-(:data:`fewstep.train.memory.CHECKPOINTABLE_BLOCKS`) as its own unit and the rest of the backbone as one more,
+score, PD's previous-round student), each known block (fewstep's residual blocks, a diffusers network's UNet
+and transformer blocks: :func:`shard_units`) as its own unit and the rest of the backbone as one more,
 all on one mesh over all processes. The frozen teacher (``method.teacher``) is not: it is the caller's object,
 which evaluation and later runs use on one process, and sharding happens in place; each process keeps it
 whole (``train.teacher_dtype=bfloat16`` halves it). Networks of the same
@@ -28,6 +28,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fewstep.train.memory import CHECKPOINTABLE_BLOCKS
 
+DIFFUSERS_BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
 
 def backbones(method: nn.Module) -> list[nn.Module]:
     """The backbone networks with parameters inside ``method`` but outside its teacher (each once)."""
@@ -48,11 +50,25 @@ def shard_networks(method: nn.Module, device: torch.device, world: int) -> list[
     mesh = init_device_mesh(device.type, (world,))
     networks = backbones(method)
     for backbone in reversed(networks):  # inner networks before any network that contains them
-        for block in backbone.modules():
-            if isinstance(block, CHECKPOINTABLE_BLOCKS) and not isinstance(block, FSDPModule):
+        for block in shard_units(backbone):
+            if not isinstance(block, FSDPModule):
                 fully_shard(block, mesh=mesh)
         fully_shard(backbone, mesh=mesh)
     return networks
+
+
+def shard_units(backbone: nn.Module) -> list[nn.Module]:
+    """The blocks of ``backbone`` sharded as units of their own (the rest is one more unit): fewstep's residual
+    blocks, and a diffusers network's UNet down / mid / up blocks and transformer blocks, so a forward pass gathers
+    one block's weights at a time."""
+    units = [block for block in backbone.modules() if isinstance(block, CHECKPOINTABLE_BLOCKS)]
+    model = getattr(backbone, "model", None)
+    if model is not None and hasattr(model, "config"):  # a diffusers network (fewstep.nets.diffusers_backbone)
+        for name in DIFFUSERS_BLOCK_LISTS:
+            units += list(getattr(model, name, None) or ())
+        if getattr(model, "mid_block", None) is not None:
+            units.append(model.mid_block)
+    return units
 
 
 def reshard(networks: list[FSDPModule]) -> None:

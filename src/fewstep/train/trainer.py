@@ -415,7 +415,8 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
             writer.close()
 
     method.zero_grad(set_to_none=True)
-    ema_student = copy.deepcopy(whole_student)
+    frozen = {id(p): p for p in whole_student.parameters() if not p.requires_grad}  # shared, as in the EMA
+    ema_student = copy.deepcopy(whole_student, frozen)
     ema_student.load_state_dict(full_state(ema.state_dict()))
     return TrainResult(
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),

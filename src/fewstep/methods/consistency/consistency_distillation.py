@@ -20,7 +20,6 @@ and our data are not natural images); the multistep levels are a fixed rule (geo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from fewstep.methods.losses import (
     distance,
     ema_update_,
     multistep_sigmas,
+    target_copy,
 )
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
@@ -68,7 +68,7 @@ class ConsistencyDistillation(DistillationMethod):
         check_rate("target_ema", config.target_ema)
         if config.num_scales < 2:
             raise ConfigError(f"method_args.num_scales must be >= 2, got {config.num_scales}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         self.register_buffer("grid", karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
                                                    config.rho, dtype=torch.float32))
         self.huber_c = default_huber_c(student, config.huber_c)

@@ -29,7 +29,6 @@ updates; after ``K`` steps ``N`` and ``mu`` stay at their final values.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from fewstep.methods.losses import (
     multistep_sigmas,
     online_and_target,
     same_eps_pair,
+    target_copy,
 )
 from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, karras_sigmas
@@ -95,7 +95,7 @@ class ConsistencyTraining(DistillationMethod):
                              f"{config.final_scales}")
         if not 0 < config.start_target_ema < 1:
             raise ValueError(f"start_target_ema must be in (0, 1), got {config.start_target_ema}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         self.huber_c = default_huber_c(student, config.huber_c)
 
     @classmethod

@@ -36,7 +36,6 @@ and with ``lora_rank`` only a LoRA adapter trains.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +56,7 @@ from fewstep.methods.losses import (
     ema_update_,
     multistep_sigmas,
     ode_step,
+    target_copy,
 )
 from fewstep.models.denoiser import BoundaryDenoiser, Denoiser, FixedExtraDenoiser, innermost
 from fewstep.paths import bcast
@@ -109,7 +109,7 @@ class LatentConsistency(DistillationMethod):
         self.weight_range = (cfg_weight(config.guidance_min, config.guidance_convention),
                              cfg_weight(config.guidance_max, config.guidance_convention)) if self.takes_weight else (
             self.sampling_weight, self.sampling_weight)
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         self.register_buffer("grid", karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
                                                    config.rho, dtype=torch.float32))
         self.huber_c = default_huber_c(student, config.huber_c)

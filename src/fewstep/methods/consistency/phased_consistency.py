@@ -33,7 +33,6 @@ Karras schedule instead of DDPM timesteps; ``teacher_solver = "heun"`` is offere
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +50,7 @@ from fewstep.methods.losses import (
     distance,
     ema_update_,
     ode_step,
+    target_copy,
 )
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
@@ -84,7 +84,7 @@ class PhasedConsistency(DistillationMethod):
         for key in ("phases", "steps_per_phase"):
             if getattr(config, key) < 1:
                 raise ConfigError(f"method_args.{key} must be >= 1, got {getattr(config, key)}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         count = config.phases * config.steps_per_phase
         self.register_buffer("grid", karras_sigmas(count + 1, config.sigma_min, config.sigma_max, config.rho,
                                                    dtype=torch.float32))

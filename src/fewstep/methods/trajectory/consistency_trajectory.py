@@ -31,7 +31,6 @@ and 1, because a sampling spec carries no gamma (``sample_flow_map(..., gamma=..
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +51,7 @@ from fewstep.methods.losses import (
     edm_weight,
     ema_update_,
     squared_l2,
+    target_copy,
 )
 from fewstep.models.denoiser import Denoiser, TwoTimeDenoiser
 from fewstep.nets import add_extra_conditions
@@ -94,7 +94,7 @@ class ConsistencyTrajectory(DistillationMethod):
         if config.sampling_gamma not in (0.0, 1.0):
             raise ConfigError(f"method_args.sampling_gamma must be 0 (deterministic jumps) or 1 (re-noising), "
                               f"got {config.sampling_gamma}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         grid = karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max, config.rho, dtype=torch.float32)
         self.register_buffer("grid", append_zero(grid))  # N positive levels, then 0
         self.huber_c = default_huber_c(student, config.huber_c)

@@ -41,7 +41,6 @@ sampler. The teacher step is Heun in the VE coordinate rather than DDIM.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +50,15 @@ from torch import Tensor, nn
 from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DistillationMethod, MethodConfig, teacher_backbone_copy
-from fewstep.methods.losses import DISTANCES, check_choice, check_rate, default_huber_c, distance, ema_update_
+from fewstep.methods.losses import (
+    DISTANCES,
+    check_choice,
+    check_rate,
+    default_huber_c,
+    distance,
+    ema_update_,
+    target_copy,
+)
 from fewstep.models.denoiser import Denoiser, EDMDenoiser
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, heun_step, karras_sigmas
@@ -95,7 +102,7 @@ class HyperSD(DistillationMethod):
                              f"num_scales = {config.num_scales}")
         if config.steps_per_stage < 1:
             raise ConfigError(f"method_args.steps_per_stage must be >= 1, got {config.steps_per_stage}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.target = target_copy(student)
         self.register_buffer("grid", karras_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
                                                    config.rho, dtype=torch.float32))
         self.huber_c = default_huber_c(student, config.huber_c)

@@ -24,7 +24,6 @@ EDM's Karras schedule with ``s_max = 80`` rather than the cosine schedule's zero
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from fewstep.data.batch import Batch
 from fewstep.methods.base import DistillationMethod, MethodConfig
+from fewstep.methods.losses import target_copy
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
 from fewstep.solvers import SIGMA_MAX, SIGMA_MIN, Sampling, append_zero, euler_step, karras_sigmas
@@ -62,7 +62,7 @@ class ProgressiveDistillation(DistillationMethod):
                                                                     config.rho, dtype=torch.float32)))
         # The previous round's student (unused in round 0, where the teacher itself is distilled). Round
         # counters are buffers so that a checkpoint resumes in the right round.
-        self.previous_student = copy.deepcopy(student).requires_grad_(False).eval()
+        self.previous_student = target_copy(student).eval()
         self.register_buffer("round_index", torch.tensor(0))
         self.register_buffer("updates_in_round", torch.tensor(0))
 
