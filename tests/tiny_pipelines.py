@@ -1,6 +1,7 @@
 """Tiny diffusers text-to-image pipelines built from configs with random weights (no download): an SD-like UNet
 pipeline with CLIP and a VAE, an SDXL-like one with two encoders and size conditioning, and an SD3-like transformer
-pipeline (two CLIP encoders, no T5). Their tokenizer is a CLIP BPE tokenizer over single letters."""
+pipeline (two CLIP encoders, no T5), and a FLUX-like one (CLIP pooled + a one-layer T5). The CLIP tokenizer is BPE over
+single letters; the T5 tokenizer a unigram model over a few words."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from pathlib import Path
 
 import diffusers
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 MAX_TOKENS = 16
-KINDS = ("sd", "sdxl", "sd3")
+KINDS = ("sd", "sdxl", "sd3", "flux")
+WORDS = ["a", "an", "the", "cat", "dog", "red", "fox", "bird", "very", "long", "prompt", "about", "many", "things", "and", "more"]
 
 
 def tokenizer(folder: Path) -> CLIPTokenizer:
@@ -24,6 +35,14 @@ def tokenizer(folder: Path) -> CLIPTokenizer:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    vocab = ["<pad>", "</s>", "<unk>", *WORDS]
+    words = Tokenizer(models.Unigram([(word, 0.0 if i < 3 else -1.0) for i, word in enumerate(vocab)], unk_id=2))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T5TokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=MAX_TOKENS, extra_ids=0)
 
 
 def clip(width: int, projection: bool = False) -> torch.nn.Module:
@@ -62,6 +81,15 @@ def build(kind: str, folder: Path) -> Path:
         pipe = diffusers.StableDiffusionXLPipeline(vae=vae(), text_encoder=clip(16), text_encoder_2=clip(16, True),
                                                    tokenizer=words, tokenizer_2=words, unet=network,
                                                    scheduler=scheduler)
+    elif kind == "flux":
+        network = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                                   pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+        t5 = T5EncoderModel(T5Config(vocab_size=3 + len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                     num_heads=2))
+        pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae(),
+                                      text_encoder=clip(16), tokenizer=words, text_encoder_2=t5,
+                                      tokenizer_2=t5_tokenizer(), transformer=network)
     else:
         network = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
                                                   attention_head_dim=8, num_attention_heads=2,
