@@ -23,7 +23,8 @@ from transformers import (
 
 MAX_TOKENS = 16
 KINDS = ("sd", "sdxl", "sd3", "flux")
-WORDS = ["a", "an", "the", "cat", "dog", "red", "fox", "bird", "very", "long", "prompt", "about", "many", "things", "and", "more"]
+WORDS = ("a", "an", "the", "cat", "dog", "red", "fox", "bird", "very", "long", "prompt", "about", "many", "things",
+         "and", "more")
 
 
 def tokenizer(folder: Path) -> CLIPTokenizer:
