@@ -2,6 +2,8 @@
 file -> the pipeline's own text encoders (cached) -> a LoRA student distilled on latents -> export -> diffusers
 loads it -> the same images as fewstep's own sampling."""
 
+import json
+import math
 import shutil
 import warnings
 
@@ -13,9 +15,10 @@ import fewstep
 from fewstep import hub
 from fewstep.data.prompts import read_prompts
 from fewstep.errors import ConfigError, DataError
+from fewstep.eval.clip import clip_frechet_distance, clip_score
 from fewstep.hub import pipelines
 from fewstep.models.denoiser import BoundaryDenoiser
-from tiny_pipelines import build
+from tiny_pipelines import build, clip_model
 
 PROMPTS = "a cat\na dog\n\na red fox\n"
 
@@ -246,12 +249,16 @@ def test_fewstep_distill_from_a_pipeline_folder_and_a_prompt_file(folders, promp
     from fewstep.cli import main
 
     out = tmp_path / "run"
+    encoder = clip_model(tmp_path / "clip")
     code = main(["distill", f"teacher.source={folders['sd']}", f"data.prompts={prompt_file}", "method=diff_instruct",
                  "student.lora_rank=8", "train.steps=2", "train.batch_size=2", "method_args.fake_warmup=0",
-                 "eval.teacher_nfe=[8]", "eval.n_samples=2", f"out={out}", "--quiet"])
+                 "eval.teacher_nfe=[8]", "eval.n_samples=3", f"eval.encoder={encoder}", f"out={out}", "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| NFE | latent RMSE | pixel RMSE |" in printed
+    assert "| NFE | latent RMSE | pixel RMSE |" in printed and "CLIP score (local encoder)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [row["nfe"] for row in report["results"]] == [1, 2, 4] and report["prompts"] == 3
+    assert all(math.isfinite(row[key]) for row in report["results"] for key in ("latent_rmse", "clip_fd", "clip_score"))
     assert {"lora", "pipeline", "report.json", "report.md", "samples.png"} <= {p.name for p in out.iterdir()}
     pipe = diffusers.DiffusionPipeline.from_pretrained(out / "pipeline")
     assert isinstance(pipe.scheduler, hub.FewstepScheduler)
@@ -283,3 +290,11 @@ def test_text_job_keys_without_a_pipeline_teacher_are_refused(tmp_path, capsys):
 
     code = main(["distill", "data.prompts=p.txt", f"out={tmp_path / 'run'}", "--quiet"])
     assert code == 2 and "teacher.source to a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_clip_score_and_distance_are_what_they_say():
+    unit = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert clip_score(unit, unit) == pytest.approx(100.0)
+    assert clip_score(unit, -unit) == 0.0  # negative similarity counts as none
+    assert clip_frechet_distance(unit, unit) == pytest.approx(0.0, abs=1e-9)
+    assert clip_frechet_distance(unit, unit + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)  # a shift of the mean only

@@ -102,3 +102,19 @@ def build(kind: str, folder: Path) -> Path:
             text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder)
     return folder
+
+
+def clip_model(folder: Path) -> Path:
+    """A tiny CLIP model and processor saved to ``folder`` (for ``eval.encoder``)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 54, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": MAX_TOKENS}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer(folder.parent / f"{folder.name}-tokenizer")
+                  ).save_pretrained(folder)
+    return folder

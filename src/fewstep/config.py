@@ -47,7 +47,8 @@ class EvalRecipe:
     (:func:`fewstep.eval.levels.tune_levels`). With ``monitor_every`` > 0 the student is also measured while it
     trains, every that many steps, at its smallest ``student_nfe`` on ``monitor_samples`` samples
     (:class:`fewstep.train.monitor.SampleMonitor`: modes covered, mode weights and recall, logged to
-    ``run/log.csv``)."""
+    ``run/log.csv``). ``encoder``: a local CLIP model folder, with which a text-to-image job also reports CLIP
+    scores and the Fréchet distance between student and teacher images in CLIP's features."""
 
     student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
@@ -58,6 +59,7 @@ class EvalRecipe:
     tune_levels: bool = False
     monitor_every: int = 0
     monitor_samples: int = 500
+    encoder: str | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fewstep.data.images import image_files
 from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
+from fewstep.eval.clip import ClipFeatures, clip_frechet_distance, clip_score
 from fewstep.eval.evaluate import (
     best_at_nfe,
     best_teacher,
@@ -74,9 +75,9 @@ def check_recipe(recipe: Recipe, resume_changed: bool = False) -> None:
         _check_train(recipe)
         _check_same_recipe(recipe, claim(recipe.out, "run"), resume_changed)
         return
-    if recipe.data != DataRecipe() or recipe.student != StudentRecipe():
-        raise ConfigError("data.* and student.lora_rank are for text-to-image jobs: set teacher.source to a "
-                          "diffusers pipeline folder (one with model_index.json)")
+    if recipe.data != DataRecipe() or recipe.student != StudentRecipe() or recipe.eval.encoder is not None:
+        raise ConfigError("data.*, student.lora_rank and eval.encoder are for text-to-image jobs: set teacher.source "
+                          "to a diffusers pipeline folder (one with model_index.json)")
     dataset = load_dataset(recipe.dataset)
     try:
         check_method(recipe.method, recipe.method_args, dataset, recipe.train.steps)
@@ -208,6 +209,8 @@ def check_text_job(recipe: Recipe) -> None:
         raise ConfigError(f"method {method.name} trains on real data: give data.images (a folder of captioned "
                           "images), or choose a data-free method (fewstep methods lists their needs)")
     build_dataclass(method.Config, method_args_for(method, recipe.method_args, recipe.train.steps), "method_args")
+    if recipe.eval.encoder is not None and not (Path(recipe.eval.encoder) / "config.json").is_file():
+        raise ConfigError(f"eval.encoder: {recipe.eval.encoder} is not a saved CLIP model folder (no config.json)")
     if recipe.eval.n_samples is not None and recipe.eval.n_samples < 1:
         raise ConfigError(f"eval.n_samples must be positive, got {recipe.eval.n_samples}")
 
@@ -267,8 +270,18 @@ def compare_with_teacher(teacher: Teacher, student: Student, recipe: Recipe, out
         rows.append({"nfe": nfe, "latent_rmse": float((latents - reference).pow(2).mean().sqrt()),
                      "pixel_rmse": float((pixels - panels[f"teacher heun@{reference_nfe}"]).pow(2).mean().sqrt())})
     compare_grids({name: images.clamp(-1, 1) for name, images in panels.items()}, out / "samples.png")
-    return {"kind": "text_to_image", "model": teacher.name, "method": student.method,
-            "reference": f"heun@{reference_nfe}", "prompts": n, "results": rows}
+    report = {"kind": "text_to_image", "model": teacher.name, "method": student.method,
+              "reference": f"heun@{reference_nfe}", "prompts": n, "results": rows}
+    if recipe.eval.encoder is not None:
+        clip = ClipFeatures(recipe.eval.encoder)
+        texts = clip.texts(teacher.dataset.prompts[:n])
+        features = {name: clip.images(pixels) for name, pixels in panels.items()}
+        reference_features = features.pop(f"teacher heun@{reference_nfe}")
+        report["clip_score_teacher"] = clip_score(reference_features, texts)
+        for row, image_features in zip(rows, features.values(), strict=True):
+            row["clip_score"] = clip_score(image_features, texts)
+            row["clip_fd"] = clip_frechet_distance(image_features, reference_features)
+    return report
 
 
 def text_job_markdown(report: dict) -> str:
@@ -277,6 +290,11 @@ def text_job_markdown(report: dict) -> str:
              "(root-mean-square distances; 0 means identical).", "", "| NFE | latent RMSE | pixel RMSE |",
              "|---|---|---|"]
     lines += [f"| {row['nfe']} | {row['latent_rmse']:.4g} | {row['pixel_rmse']:.4g} |" for row in report["results"]]
+    if "clip_score_teacher" in report:
+        lines += ["", f"CLIP score (local encoder): teacher {report['clip_score_teacher']:.2f}; "
+                  + "; ".join(f"student @{row['nfe']} {row['clip_score']:.2f} (Fréchet distance to the teacher's "
+                              f"images {row['clip_fd']:.4g})" for row in report["results"])
+                  + f". With {report['prompts']} images the Fréchet distance is only indicative: raise eval.n_samples."]
     training = report["training"]
     lines += ["", f"Training: {training['steps']} steps in {training['seconds']:.0f} s, "
               f"{training['teacher_evals'] or 0:,} teacher evaluations.", "",

@@ -200,7 +200,7 @@ class Teacher:
             image_files(images)  # an empty or missing folder is refused before the pipeline loads
         pipe = load_pipeline(folder, torch_dtype)
         denoiser = pipeline_denoiser(pipe, resolution)
-        latents = captions = None
+        latents = captions = names = None
         if images is not None:
             latents, names = encode_images(pipe, images, denoiser.data_shape[-1] * int(pipe.vae_scale_factor))
             captions, null = encode_prompts(pipe, folder, names, negative_prompt, f"captions of {images}")
@@ -209,7 +209,8 @@ class Teacher:
             conditions, null = encode_prompts(pipe, folder, texts, negative_prompt,
                                               "prompt list" if isinstance(prompts, list) else str(prompts))
         source = "list" if isinstance(prompts, list) else prompts if prompts is not None else images
-        dataset = prompt_dataset(f"prompts:{source}", denoiser.data_shape, conditions, latents, captions)
+        dataset = prompt_dataset(f"prompts:{source}", denoiser.data_shape, conditions,
+                                 texts if texts is not None else names, latents, captions)
         return cls(denoiser, dataset, f"pipeline:{Path(folder).resolve()}", guidance_scale, "cfg", null, pipe)
 
     @classmethod

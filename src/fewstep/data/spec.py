@@ -38,7 +38,8 @@ class DatasetSpec:
     ``metric`` (a key of :data:`METRICS`) is the distance that ranks samples (lower is better): evaluation,
     level tuning and the benchmark read both from here, never from the data's shape. ``conditions`` are the
     conditions data-free sources draw from when they are not class labels (a text-to-image job's encoded prompts);
-    ``train_y`` may then be the text conditions of ``train_x`` (captioned images)."""
+    ``train_y`` may then be the text conditions of ``train_x`` (captioned images), and ``prompts`` the texts of
+    ``conditions``."""
 
     name: str
     data_shape: tuple[int, ...]
@@ -56,6 +57,7 @@ class DatasetSpec:
     kind: str = "points"
     metric: str = "swd"
     conditions: TextCondition | None = None
+    prompts: list[str] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -219,13 +219,13 @@ def pipeline_denoiser(pipe, resolution: int | None = None) -> PathDenoiser:
                               time_ids=time_ids)
 
 
-def prompt_dataset(name: str, data_shape: tuple[int, ...], conditions: TextCondition,
+def prompt_dataset(name: str, data_shape: tuple[int, ...], conditions: TextCondition, prompts: list[str],
                    latents: Tensor | None = None, captions: TextCondition | None = None) -> DatasetSpec:
     """The dataset of a text-to-image job: its prompts' conditions (what data-free sources draw), and, where real
-    images were given, their latents with their captions' conditions."""
+    images were given, their latents with their captions' conditions. ``prompts`` are the texts of ``conditions``."""
     empty = torch.zeros((0, *data_shape))
     if (latents is None) != (captions is None) or (latents is not None and len(latents) != len(captions)):
         raise DataError("give image latents and their captions' conditions together, one caption per image")
     train = empty if latents is None else latents
     return DatasetSpec(name, tuple(data_shape), train, empty, 0, train_y=captions, kind="images", metric="fd",
-                       conditions=conditions, description="prompts of a text-to-image pipeline")
+                       conditions=conditions, prompts=prompts, description="prompts of a text-to-image pipeline")
