@@ -33,8 +33,8 @@ Deviations from the paper and its code:
   end and no pseudo-Huber option; the EDM weight on the fake loss instead of ``min(SNR, 5)``;
 * full networks, not LoRAs; the levels are the Karras grid's, not DDPM's timesteps 799, 599, 399, 199; the
   first level is ``init_sigma`` (80 by default) where the demo starts at t = 799;
-* the code's Adam betas (0, 0.95) and 1:1 updates are the defaults, its fake learning rate 5x the student's is
-  ``fake_lr_scale`` (default 1 here); an optional ``fake_warmup`` (for an analytic teacher).
+* the code's Adam betas (0, 0.95), 1:1 updates and fake learning rate 5x the student's (``fake_lr_scale``) are
+  the defaults; an optional ``fake_warmup`` (for an analytic teacher).
 
 Sampling at ``nfe = K`` is the trained trajectory; other NFEs use ``nfe`` index levels (nested for divisors of
 ``K``), whose segments it was not trained on.
@@ -59,6 +59,7 @@ from fewstep.solvers import SIGMA_MAX, Sampling
 @dataclass
 class TDMConfig(DistributionMatchingConfig):
     generation_steps: int = 4
+    fake_lr_scale: float = 5.0  # the code's: the student's learning rate is the fake score's / 5
     betas: tuple[float, float] = (0.0, 0.95)
 
 

@@ -13,7 +13,8 @@ diffusion both are noised, ``d/dt D_f(p_t || q_t) = -(g^2 / 2) E_{q_t}[ h(r_t) |
 ``q``, ``s_q`` and ``r``; its gradient is intractable as written. Writing the variation of ``q`` as
 ``d log q`` and using the score-projection identity ``E_q[v . s_q] = E[v(x_sigma) . grad log q(x_sigma | x_G)]``
 (as SIM does) gives a loss whose gradient equals ``grad F_sigma`` when ``D_fake`` is the student's exact denoiser
-and ``r`` the exact ratio (our derivation; the paper's Theorem 3.2 states the same equivalence in its own terms)::
+and ``r`` the exact ratio (our derivation; the paper's Theorem 3.2 gives a gradient-equivalent loss of this kind,
+whose coefficient functions we did not have to compare)::
 
     x   = x_G + sigma eps,   delta = D_real(x, sigma) - D_fake(x, sigma)
     l   = 2 h(r) delta . (D_fake(x, sigma) - x_G)  -  c(r) || delta ||^2,      c(r) = r h'(r) - h(r)
