@@ -12,14 +12,8 @@ from exact_ring import RING, generator_on_ring
 from fewstep.data.sources import make_source
 from fewstep.errors import ConfigError
 from fewstep.methods.distribution.dmd2 import DMD2, DMD2Config
-from fewstep.methods.distribution.f_distill import (
-    WEIGHTINGS,
-    FDistill,
-    FDistillConfig,
-    density_ratio,
-    divergence_weight,
-)
-from fewstep.methods.scores import dmd_direction, karras_index_sigma, pseudo_target_loss
+from fewstep.methods.distribution.f_distill import FDistill, FDistillConfig, divergence_weight
+from fewstep.methods.scores import WEIGHTINGS, density_ratio, dmd_direction, karras_index_sigma, pseudo_target_loss
 from fewstep.nets import MLP
 
 DT = torch.float64

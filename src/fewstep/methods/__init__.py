@@ -19,6 +19,8 @@ from fewstep.methods.distribution.few_step_sid import FewStepSiD
 from fewstep.methods.distribution.sid import SiD
 from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
+from fewstep.methods.distribution.tdm import TDM
+from fewstep.methods.distribution.uni_instruct import UniInstruct
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -30,7 +32,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         LatentConsistency, PhasedConsistency, HyperSD, SubpathLinearApproximation,
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
-        DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill,
+        DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill, UniInstruct, TDM,
     )
 }
 

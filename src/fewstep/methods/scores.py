@@ -21,13 +21,20 @@ puts mass towards where the teacher does.
 * :func:`generate`: a few-step sample ``x_G`` on given levels, gradient through the last network call only
   (backward simulation: the input of the last step comes from the generator itself, not from noised data);
 * :func:`index_levels`: ``nfe`` generator levels spread by index over the Karras grid (DMD2's 999, 749, 499,
-  249 timesteps, in sigma).
+  249 timesteps, in sigma);
+* :data:`WEIGHTINGS` and :func:`density_ratio`: the f-divergences' ``h(r) = f''(r) r^2`` and the density ratio
+  ``r = p_teacher / q_student`` read from a discriminator's logit (f-distill, Uni-Instruct);
+* :func:`frozen`: a network with its parameters' gradients off, still differentiated in its input (SiD, SIM,
+  Uni-Instruct).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.methods.losses import edm_weight
 from fewstep.models.denoiser import Denoiser
@@ -115,3 +122,36 @@ def karras_position_sigma(batch: int, generator: torch.Generator, like: Tensor, 
     r = low + (high - low) * torch.rand(batch, generator=generator, device=like.device, dtype=torch.float64)
     hi, lo = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
     return ((hi + r * (lo - hi)) ** RHO).to(like.dtype)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with its parameters' gradients off: a forward pass inside still differentiates in its input."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+LOGIT_RANGE = (-10.0, 10.0)
+RATIO_RANGE = (0.1, 20.0)
+
+# h(r) = f''(r) r^2 up to a constant factor, for each divergence D_f(p_teacher || q_student) = E_q f(p / q).
+WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "reverse_kl": torch.ones_like,
+    "forward_kl": lambda r: r,
+    "js": lambda r: r / (1 + r),
+    "squared_hellinger": torch.sqrt,
+    "jeffreys": lambda r: 1 + r,
+    "sf": lambda r: 1 / (1 + r),
+    "neyman": lambda r: 1 / r,
+}
+
+
+def density_ratio(logit: Tensor) -> Tensor:
+    """``r = p_teacher / q_student`` from a discriminator's logit: ``exp`` of the logit clamped to [-10, 10], then
+    clamped to [0.1, 20]."""
+    return logit.clamp(*LOGIT_RANGE).exp().clamp(*RATIO_RANGE)

@@ -31,7 +31,6 @@ Deviations from the paper:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,30 +38,17 @@ from torch import Tensor
 
 from fewstep.errors import ConfigError
 from fewstep.methods.distribution.dmd2 import DMD2, DMD2Config
-from fewstep.methods.scores import dmd_direction, karras_index_sigma, noised, pseudo_target_loss
+from fewstep.methods.scores import (
+    WEIGHTINGS,
+    density_ratio,
+    dmd_direction,
+    karras_index_sigma,
+    noised,
+    pseudo_target_loss,
+)
 from fewstep.models.denoiser import Denoiser
 from fewstep.nets.features import capture_features, pooled
 from fewstep.paths import bcast
-
-LOGIT_RANGE = (-10.0, 10.0)
-RATIO_RANGE = (0.1, 20.0)
-
-# h(r) = f''(r) r^2 up to a constant factor, for each divergence D_f(p_teacher || q_student).
-WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
-    "reverse_kl": torch.ones_like,
-    "forward_kl": lambda r: r,
-    "js": lambda r: r / (1 + r),
-    "squared_hellinger": torch.sqrt,
-    "jeffreys": lambda r: 1 + r,
-    "sf": lambda r: 1 / (1 + r),
-    "neyman": lambda r: 1 / r,
-}
-
-
-def density_ratio(logit: Tensor) -> Tensor:
-    """``r = p_teacher / q_student`` from a discriminator's logit: ``exp`` of the logit clamped to [-10, 10], then
-    clamped to [0.1, 20]."""
-    return logit.clamp(*LOGIT_RANGE).exp().clamp(*RATIO_RANGE)
 
 
 def divergence_weight(divergence: str, logit: Tensor) -> Tensor:

@@ -1,13 +1,14 @@
 """The distribution-matching family's base: a generator (one step, or a few with re-noising) and a fake score
 trained on its samples, two phases per cycle. The shared math is :mod:`fewstep.methods.scores`; each method
-(DMD, DMD2, Diff-Instruct, SwiftBrush, SiD, SIM, f-distill) subclasses :class:`DistributionMatching` in its own
-file and states its losses there.
+(DMD, DMD2, Diff-Instruct, SwiftBrush, SiD, SIM, f-distill, Uni-Instruct, TDM) subclasses
+:class:`DistributionMatching` in its own file and states its losses there.
 
 Per cycle: ``fake_updates`` fake-score updates (:meth:`DistributionMatching.critic_losses`), then one generator
 update (:meth:`DistributionMatching.dmd_loss` plus :meth:`DistributionMatching.extra_generator_losses`), idle
-for the first ``fake_warmup`` steps. The generator's levels are :func:`~fewstep.methods.scores.index_levels`
-scaled to start at ``init_sigma``; with ``generation_steps > 1`` a level is drawn per update and reached by
-backward simulation.
+for the first ``fake_warmup`` steps. The fake score's and the distribution term's noise levels come from
+:meth:`DistributionMatching.critic_levels` and :meth:`DistributionMatching.loss_levels`. The generator's levels
+are :func:`~fewstep.methods.scores.index_levels` scaled to start at ``init_sigma``; with ``generation_steps > 1``
+a level is drawn per update and reached by backward simulation.
 """
 
 from __future__ import annotations
@@ -116,12 +117,21 @@ class DistributionMatching(DistillationMethod):
                       generator: torch.Generator) -> dict[str, Tensor]:
         with torch.no_grad():
             x_generated = self.generated(source.noise, source.cond, generator)
-        sigma = karras_index_sigma(x_generated.shape[0], generator, x_generated)
+        sigma = self.critic_levels(x_generated, generator)
         return {"loss": fake_score_loss(self.fake_score, x_generated, sigma, source.cond, generator, self.sigma_data)}
 
+    def critic_levels(self, x_generated: Tensor, generator: torch.Generator) -> Tensor:
+        """The fake score's levels on ``x_generated``: the whole Karras grid, uniformly by index."""
+        return karras_index_sigma(x_generated.shape[0], generator, x_generated)
+
+    def loss_levels(self, x_generated: Tensor, generator: torch.Generator) -> Tensor:
+        """The generator loss's levels on ``x_generated``: the part ``[min_level, max_level]`` of the Karras grid,
+        uniformly by index."""
+        return karras_index_sigma(x_generated.shape[0], generator, x_generated, self.config.min_level,
+                                  self.config.max_level)
+
     def dmd_loss(self, x_generated: Tensor, cond, generator: torch.Generator) -> Tensor:
-        sigma = karras_index_sigma(x_generated.shape[0], generator, x_generated, self.config.min_level,
-                                   self.config.max_level)
+        sigma = self.loss_levels(x_generated, generator)
         with torch.no_grad():
             x = noised(x_generated, sigma, generator)
             direction = dmd_direction(x_generated, self.teacher(x, sigma, cond), self.fake_score(x, sigma, cond))

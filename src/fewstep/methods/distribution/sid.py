@@ -33,19 +33,24 @@ a random network). Multi-step sampling of this one-step generator uses :func:`in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Phase
 from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
-from fewstep.methods.scores import GRID_SIZE, fake_score_loss, karras_position_sigma, log_normal_sigma, noised
+from fewstep.methods.scores import (
+    GRID_SIZE,
+    fake_score_loss,
+    frozen,
+    karras_position_sigma,
+    log_normal_sigma,
+    noised,
+)
 from fewstep.models.denoiser import Denoiser
 from fewstep.solvers import SIGMA_MIN, karras_sigmas
 
@@ -74,18 +79,6 @@ def init_levels(nfe: int, init_sigma: float) -> list[float]:
     down to 0.002 (the first is ``init_sigma``): nested like :func:`~fewstep.methods.scores.index_levels`."""
     grid = karras_sigmas(GRID_SIZE, SIGMA_MIN, init_sigma)
     return [float(grid[k * GRID_SIZE // nfe]) for k in range(nfe)]
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` with its parameters' gradients off: a forward pass inside still differentiates in its input."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def sid_loss(x_generated: Tensor, real: Tensor, fake: Tensor, alpha: float) -> Tensor:
