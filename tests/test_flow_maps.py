@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from exact_ring import RING, distil_on_ring, draw, passes_issue_bar, small_mlp
+from exact_ring import RING, distil_on_ring, draw, low_frequency_mlp, passes_issue_bar, small_mlp
 from fewstep.data.batch import Batch
 from fewstep.data.sources import NoiseOnly, make_source
 from fewstep.errors import ConfigError
@@ -282,30 +282,38 @@ def with_wrong_teacher(cls):
     return Perturbed
 
 
-RING_CASES = {
-    "meanflow": (MeanFlow, MeanFlowConfig(jvp="finite_difference"), 1000),
-    "flow_map_eulerian": (FlowMapDistillation, FlowMapConfig(jvp="finite_difference", tangent_warmup=100), 1000),
-    "flow_map_lagrangian": (FlowMapDistillation, FlowMapConfig(form="lagrangian", jvp="finite_difference",
-                                                               tangent_warmup=100), 1000),
-    "flow_map_free": (FlowMapWithoutData, FreeFlowConfig(jvp="finite_difference", tangent_warmup=100), 500),
+TIMES = {"p_mean": 0.0, "p_std": 1.6, "target_p_mean": -4.0, "target_p_std": 1.6}  # the ring recipes' draws
+RING_CASES = {  # the ring recipes' settings (method arguments, backbone, steps, learning-rate schedule)
+    "meanflow": (MeanFlow, MeanFlowConfig(mid_training_share=0.2, total_steps=3000, **TIMES), low_frequency_mlp,
+                 3000, "cosine"),
+    "flow_map_eulerian": (FlowMapDistillation, FlowMapConfig(tangent_norm_c=0.01, tangent_warmup=300, **TIMES),
+                          low_frequency_mlp, 3000, "cosine"),
+    "flow_map_lagrangian": (FlowMapDistillation, FlowMapConfig(form="lagrangian", tangent_norm_c=0.01,
+                                                               tangent_warmup=300, **TIMES),
+                            low_frequency_mlp, 3000, "cosine"),
+    "flow_map_free": (FlowMapWithoutData, FreeFlowConfig(jvp="finite_difference", tangent_warmup=1000), small_mlp,
+                      3000, "constant"),
 }
 
 
-def ring_run(cls, config, steps):
-    return distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING))
+def ring_run(cls, config, backbone, steps, lr_schedule):
+    return distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING), backbone=backbone,
+                          lr_schedule=lr_schedule)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RING_CASES))
 def test_on_the_exact_ring_every_flow_map_method_passes_the_two_step_bar(case):
-    cls, config, steps = RING_CASES[case]
-    method, student = ring_run(cls, config, steps)
+    cls, *settings = RING_CASES[case]
+    method, student = ring_run(cls, *settings)
     ok, m = passes_issue_bar(draw(method, student, 2))
     assert ok, m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RING_CASES))
 def test_the_ring_bar_fails_when_the_teachers_target_is_perturbed(case):
-    cls, config, steps = RING_CASES[case]
-    method, student = ring_run(with_wrong_teacher(cls), config, steps)
+    cls, *settings = RING_CASES[case]
+    method, student = ring_run(with_wrong_teacher(cls), *settings)
     ok, m = passes_issue_bar(draw(method, student, 2))
     assert not ok, m
