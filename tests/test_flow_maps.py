@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from exact_ring import RING, distil_on_ring, draw, low_frequency_mlp, passes_issue_bar, small_mlp
+from exact_ring import RING, distil_on_ring, draw, flow_map_error, low_frequency_mlp, passes_issue_bar, small_mlp
 from fewstep.data.batch import Batch
 from fewstep.data.sources import NoiseOnly, make_source
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
+from fewstep.methods.consistency.consistency_distillation import CDConfig, ConsistencyDistillation
 from fewstep.methods.flow.flow_map import FlowMapConfig, FlowMapDistillation
 from fewstep.methods.flow.flow_map_free import FlowMapWithoutData, FreeFlowConfig
 from fewstep.methods.flow.maps import (
@@ -317,3 +318,17 @@ def test_the_ring_bar_fails_when_the_teachers_target_is_perturbed(case):
     method, student = ring_run(with_wrong_teacher(cls), *settings)
     ok, m = passes_issue_bar(draw(method, student, 2))
     assert not ok, m
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 20's bar not met: the flow-map students' one-step flow-map error on the "
+                   "ring (flow_map 0.161 at 768,000 teacher evaluations, meanflow 0.179 at 1,228,800, flow_map_free "
+                   "0.173 at 1,536,000; seed 0) stays above CD's (0.076 at 3000 steps, 1,536,000); docs/flow.md")
+def test_the_flow_map_students_one_step_flow_map_error_is_below_cds_at_equal_teacher_evaluations():
+    cd_method, cd_student = distil_on_ring(ConsistencyDistillation, CDConfig(), 3000)
+    cd_error = flow_map_error(draw(cd_method, cd_student, 1))
+    for case in ("meanflow", "flow_map_eulerian", "flow_map_free"):
+        cls, config, backbone, steps, schedule = RING_CASES[case]
+        method, student = ring_run(cls, config, backbone, steps, schedule)
+        assert method.teacher_evals <= cd_method.teacher_evals
+        assert flow_map_error(draw(method, student, 1)) < cd_error, case
