@@ -7,8 +7,9 @@ of a method's exact-ring test would see::
     python scripts/ring_trial.py dmd2 3000 --args '{"fake_warmup": 100}'
 
 prints modes covered, within-mode spread (1 is the data's), the share of samples inside a mode (the data's is
-0.989), per-mode weight error (total variation) and excess NLL over the data's, beside the best training-free
-solver's excess NLL at 2 and 4 NFE. The numbers behind docs/distribution.md.
+0.989), per-mode weight error (total variation), excess NLL over the data's and the mean distance from the exact
+ODE endpoints of the same noise (the flow-map error; at 1 NFE the one-step flow-map error), beside the best
+training-free solver's excess NLL at 2 and 4 NFE. The numbers behind docs/distribution.md and docs/flow.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from exact_ring import RING, best_training_free_excess_nll, distil_on_ring, draw, small_mlp
+from exact_ring import (
+    RING,
+    best_training_free_excess_nll,
+    distil_on_ring,
+    draw,
+    flow_map_error,
+    low_frequency_mlp,
+    small_mlp,
+)
 from fewstep.cache import cache_dir
 from fewstep.data.sources import TeacherPairs, make_source
 from fewstep.eval.toy import reference_nll, toy_metrics
@@ -35,6 +44,9 @@ def main() -> None:
     parser.add_argument("--args", default="{}", help="method arguments as JSON")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-schedule", default="constant", help="train.lr_schedule (constant or cosine)")
+    parser.add_argument("--low-frequency", action="store_true",
+                        help="time features at most 20 rad per unit of c_noise (the sCM and flow-map recipes')")
     options = parser.parse_args()
     cls = METHODS[options.method]
     config = cls.Config(**json.loads(options.args))
@@ -46,17 +58,20 @@ def main() -> None:
                              progress=False)
     source = make_source(cls.needs, RING, pairs)
     started = time.perf_counter()
-    method, student = distil_on_ring(cls, config, options.steps, source=source, lr=options.lr, seed=options.seed)
+    method, student = distil_on_ring(cls, config, options.steps, source=source, lr=options.lr, seed=options.seed,
+                                     lr_schedule=options.lr_schedule,
+                                     backbone=low_frequency_mlp if options.low_frequency else small_mlp)
     print(f"{options.method} {options.args} steps {options.steps} lr {options.lr} seed {options.seed}: "
           f"{time.perf_counter() - started:.0f} s, {method.teacher_evals:,} teacher evaluations")
     print(f"best training-free excess NLL: 2 NFE {best_training_free_excess_nll(2):.3f}, "
           f"4 NFE {best_training_free_excess_nll(4):.3f}")
     reference = reference_nll(RING)
     for nfe in (1, 2, 4):
-        m = toy_metrics(draw(method, student, nfe), RING)
+        samples = draw(method, student, nfe)
+        m = toy_metrics(samples, RING)
         print(f"{nfe} NFE: modes {m['modes_covered']}/8, spread {m['spread_ratio']:.3f}, in-mode "
               f"{m['in_mode_fraction']:.3f}, weight error {m['mode_balance']:.3f}, excess NLL "
-              f"{m['nll'] - reference:.3f}")
+              f"{m['nll'] - reference:.3f}, flow-map error {flow_map_error(samples):.3f}")
 
 
 if __name__ == "__main__":

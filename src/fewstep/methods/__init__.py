@@ -21,6 +21,9 @@ from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
 from fewstep.methods.distribution.tdm import TDM
 from fewstep.methods.distribution.uni_instruct import UniInstruct
+from fewstep.methods.flow.flow_map import FlowMapDistillation
+from fewstep.methods.flow.flow_map_free import FlowMapWithoutData
+from fewstep.methods.flow.meanflow import MeanFlow
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -33,6 +36,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
         DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill, UniInstruct, TDM,
+        MeanFlow, FlowMapDistillation, FlowMapWithoutData,
     )
 }
 

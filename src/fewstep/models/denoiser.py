@@ -9,8 +9,9 @@ Networks ("backbones", see :mod:`fewstep.nets`) are read as denoisers through a 
 
 * :class:`EDMDenoiser`: EDM's ``x0 = c_skip x + c_out F(c_in x, log(s)/4)``;
 * :class:`ConsistencyDenoiser`: the same with consistency-model coefficients, so ``f(x, s_min) = x``;
-* :class:`TwoTimeDenoiser`: EDM's form with the target time ``s_next`` as an extra input, the output ``g`` of
-  a flow map ``G(x, s, s_next) = (s_next/s) x + (1 - s_next/s) g`` (CTM);
+* :class:`TwoTimeDenoiser`: EDM's form with the target time ``s_next`` as an extra input (and optionally more
+  inputs, e.g. a guidance scale), the output ``g`` of a flow map ``G(x, s, s_next) = (s_next/s) x +
+  (1 - s_next/s) g`` (CTM, MeanFlow, flow-map distillation);
 * :class:`PathDenoiser`: a network trained on another path with another prediction (eps on VP, velocity
   on rectified flow, ...), given ``x_t`` and its own time ``t * time_scale``;
 * :class:`BoundaryDenoiser`: consistency coefficients around another denoiser (a diffusers student);
@@ -175,33 +176,63 @@ class ConsistencyDenoiser(EDMDenoiser):
         return {"kind": "consistency", "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
 
 
+TARGET_TIMES = ("log", "flow_time")  # how a TwoTimeDenoiser feeds its target time to the backbone
+
+
 class TwoTimeDenoiser(EDMDenoiser):
     """The two-time output ``g(x, s, s_next)`` of a flow map (Consistency Trajectory Models, Kim et al. 2023)::
 
         G(x, s, s_next) = (s_next/s) x + (1 - s_next/s) g(x, s, s_next),   s_next <= s
 
-    ``g`` is EDM-preconditioned at ``s`` with ``s_next`` fed to the backbone's single extra condition as
-    ``log(max(s_next, zero_level)) / 4`` (like ``c_noise``): the target time 0 is read as ``zero_level``,
-    below every positive level a sampler uses. ``s_next=None`` means 0, so ``denoiser(x, s, cond)`` is the
-    one-jump map to clean data. A backbone whose extra condition is still zero (a fresh
-    :func:`~fewstep.nets.add_extra_conditions`) gives ``g(x, s, s_next) = `` the EDM denoiser for every
-    ``s_next``, so a flow map built on a teacher's copy starts as the teacher's DDIM jump."""
+    ``g`` is EDM-preconditioned at ``s`` with ``s_next`` fed to the backbone's first extra condition, encoded by
+    ``target_time``:
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, zero_level: float = 1e-4):
+    * ``"log"`` (CTM's): ``log(max(s_next, zero_level)) / 4``, like ``c_noise``; the target time 0 is read as
+      ``zero_level``, below every positive level a sampler uses. Its derivative in ``s_next`` is zero below
+      ``zero_level``;
+    * ``"flow_time"``: ``s_next / (1 + s_next)``, the rectified-flow time of the level, in ``[0, 1)``: smooth at
+      ``s_next = 0`` with derivative 1 there, so a map's derivative in its target time (a Lagrangian tangent) is
+      the network's.
+
+    A backbone with more extra conditions takes the rest as ``extra`` (shape ``(B, k)``, e.g. a guidance scale),
+    after the target time. ``s_next=None`` means 0, so ``denoiser(x, s, cond)`` is the one-jump map to clean data.
+    A backbone whose extra conditions are still zero (a fresh :func:`~fewstep.nets.add_extra_conditions`) gives
+    ``g(x, s, s_next) = `` the EDM denoiser for every ``s_next``, so a flow map built on a teacher's copy starts as
+    the teacher's DDIM jump."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, zero_level: float = 1e-4,
+                 target_time: str = "log"):
         super().__init__(backbone, sigma_data)
-        if len(getattr(backbone, "extra_embeddings", ())) != 1:
-            raise ValueError("a TwoTimeDenoiser needs a backbone with exactly one extra condition (the target "
-                             "time): build it with extra_conditions=1 or fewstep.nets.add_extra_conditions")
-        self.zero_level = zero_level
+        if len(getattr(backbone, "extra_embeddings", ())) < 1:
+            raise ValueError("a TwoTimeDenoiser needs a backbone with an extra condition (the target time), and "
+                             "one more per further input: build it with extra_conditions=1 (or more) or "
+                             "fewstep.nets.add_extra_conditions")
+        if target_time not in TARGET_TIMES:
+            raise ValueError(f"target_time must be one of {TARGET_TIMES}, got {target_time!r}")
+        self.zero_level, self.target_time = zero_level, target_time
+        self.further_inputs = len(backbone.extra_embeddings) - 1
 
-    def forward(self, x, s, cond=None, s_next=None):
+    def encode_target(self, s_next: Tensor) -> Tensor:
+        """The backbone's input for the target time ``s_next`` (see the class docstring)."""
+        if self.target_time == "log":
+            return 0.25 * torch.log(s_next.clamp(min=self.zero_level))
+        return s_next / (1 + s_next)
+
+    def forward(self, x, s, cond=None, s_next=None, extra=None):
         s = as_sigma(s, x)
         s_next = torch.zeros_like(s) if s_next is None else as_sigma(s_next, x)
-        target = 0.25 * torch.log(s_next.clamp(min=self.zero_level))
-        return super().forward(x, s, cond, target[:, None])
+        inputs = self.encode_target(s_next)[:, None]
+        if (extra is None) != (self.further_inputs == 0):
+            raise ValueError(f"this two-time denoiser takes {self.further_inputs} further input(s) besides the "
+                             f"target time: pass extra of shape ({x.shape[0]}, {self.further_inputs})"
+                             if self.further_inputs else "this two-time denoiser takes no further inputs (extra)")
+        if extra is not None:
+            inputs = torch.cat([inputs, extra.to(inputs)], dim=1)
+        return super().forward(x, s, cond, inputs)
 
     def config(self) -> dict:
-        return {"kind": "two_time", "sigma_data": self.sigma_data, "zero_level": self.zero_level}
+        return {"kind": "two_time", "sigma_data": self.sigma_data, "zero_level": self.zero_level,
+                "target_time": self.target_time}
 
 
 class PathDenoiser(Denoiser):

@@ -167,8 +167,10 @@ def reading_of(denoiser_config: dict) -> dict:
     if kind in ("edm", "consistency"):
         return {"path": "ve", "prediction": kind, "time_convention": "c_noise = log(sigma) / 4"}
     if kind == "two_time":
+        target = ("sigma_next / (1 + sigma_next)" if denoiser_config.get("target_time") == "flow_time"
+                  else "log(max(sigma_next, zero_level)) / 4")
         return {"path": "ve", "prediction": "edm, target time as extra condition",
-                "time_convention": "c_noise = log(sigma) / 4, extra = log(max(sigma_next, zero_level)) / 4"}
+                "time_convention": f"c_noise = log(sigma) / 4, extra = {target}"}
     if kind == "path":
         return {"path": denoiser_config["path"]["name"], "prediction": denoiser_config["prediction"],
                 "time_convention": f"backbone time = t * {denoiser_config['time_scale']:g}"}
