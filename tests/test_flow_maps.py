@@ -238,7 +238,7 @@ def test_the_data_free_method_never_reads_real_data():
     """flow_map_free's source is noise only; training it against a dataset whose samples raise when read works."""
 
     class NoData:
-        name, data_shape, num_classes = "ring8", (2,), 0
+        name, data_shape, num_classes, conditions = "ring8", (2,), 0, None
 
         @property
         def train_x(self):
