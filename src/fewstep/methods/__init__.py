@@ -19,6 +19,10 @@ from fewstep.methods.distribution.few_step_sid import FewStepSiD
 from fewstep.methods.distribution.sid import SiD
 from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
+from fewstep.methods.flow.instaflow import InstaFlow
+from fewstep.methods.flow.reflow import Reflow
+from fewstep.methods.flow.rfpp import RFPP
+from fewstep.methods.flow.slimflow import SlimFlow
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -31,6 +35,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
         DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill,
+        Reflow, InstaFlow, RFPP, SlimFlow,
     )
 }
 
