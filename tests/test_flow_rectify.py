@@ -18,6 +18,7 @@ from fewstep.methods.flow.instaflow import InstaFlow
 from fewstep.methods.flow.rectify import (
     T_MAX,
     T_MIN,
+    DistillingFlowConfig,
     FeatureNet,
     RectifiedFlowConfig,
     lpips_like,
@@ -186,6 +187,8 @@ def test_slimflow_refuses_a_student_as_large_as_its_network_teacher():
     ("reflow", {"pair_solver": "rk4"}, "pair_solver"),
     ("reflow", {"rounds": 0}, "rounds"),
     ("instaflow", {"premetric": "lpips_huber"}, "premetric"),
+    ("instaflow", {"reflow_weight": -1.0}, "reflow_weight"),
+    ("reflow", {"reflow_weight": 1.0}, "reflow_weight"),  # no distillation stage to weigh it in
     ("rfpp", {"time_a": -1.0}, "time_a"),
     ("slimflow", {"guide_t_max": 1.0}, "guide_t_max"),
 ])
@@ -229,7 +232,7 @@ def with_coupling_shuffled(cls):
 
 CONFIGS = {
     "reflow": RectifiedFlowConfig(num_pairs=2000),
-    "instaflow": RectifiedFlowConfig(num_pairs=2000),
+    "instaflow": DistillingFlowConfig(num_pairs=2000),
     "rfpp": RFPPConfig(num_pairs=2000, feature_steps=150),
     "slimflow": SlimFlowConfig(num_pairs=2000),
 }

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fewstep.data.batch import Batch
-from fewstep.methods.flow.rectify import T_MAX, RectifiedFlowConfig, RectifiedFlowMethod
+from fewstep.methods.flow.rectify import T_MAX, DistillingFlowConfig, RectifiedFlowMethod
 from fewstep.solvers import SIGMA_MAX
 
 
@@ -32,7 +32,7 @@ class InstaFlow(RectifiedFlowMethod):
 
     name = "instaflow"
     paper = "Liu et al. 2024, InstaFlow: One Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation"
-    Config = RectifiedFlowConfig
+    Config = DistillingFlowConfig
     distills = True
 
     def distill_losses(self, pairs: Batch, generator: torch.Generator) -> dict[str, Tensor]:

@@ -175,7 +175,13 @@ class RectifiedFlowConfig(MethodConfig):
     steps_per_round: int = 1000
     premetric: str = "l2"
     huber_c: float | None = None  # rfpp's 0.00054 * dim when None
-    reflow_weight: float = 1.0  # the reflow term kept in a distillation stage (methods with one only)
+
+
+@dataclass
+class DistillingFlowConfig(RectifiedFlowConfig):
+    """A method with a distillation stage after its reflow rounds (InstaFlow, SlimFlow)."""
+
+    reflow_weight: float = 1.0  # the reflow term kept in the distillation stage
 
 
 class RectifiedFlowMethod(DistillationMethod):
@@ -193,7 +199,7 @@ class RectifiedFlowMethod(DistillationMethod):
         check_choice("premetric", config.premetric, self.premetric_choices())
         if min(config.num_pairs, config.pair_nfe, config.rounds, config.round_nfe, config.steps_per_round) < 1:
             raise ConfigError("method_args: num_pairs, pair_nfe, rounds, round_nfe and steps_per_round must be >= 1")
-        if config.reflow_weight < 0:
+        if self.distills and config.reflow_weight < 0:
             raise ConfigError(f"method_args.reflow_weight must be >= 0, got {config.reflow_weight}")
         if config.huber_c is not None and config.huber_c <= 0:
             raise ConfigError(f"method_args.huber_c must be positive, got {config.huber_c}")

@@ -38,7 +38,7 @@ from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.flow.rectify import (
     T_MAX,
-    RectifiedFlowConfig,
+    DistillingFlowConfig,
     RectifiedFlowMethod,
     straight_point,
     ve_level,
@@ -48,7 +48,7 @@ from fewstep.solvers import SIGMA_MAX
 
 
 @dataclass
-class SlimFlowConfig(RectifiedFlowConfig):
+class SlimFlowConfig(DistillingFlowConfig):
     anneal_steps: int = 500
     guide_weight: float = 1.0
     guide_t_min: float = 0.2
