@@ -9,7 +9,9 @@ of a method's exact-ring test would see::
 prints modes covered, within-mode spread (1 is the data's), the share of samples inside a mode (the data's is
 0.989), per-mode weight error (total variation), excess NLL over the data's and the mean distance from the exact
 ODE endpoints of the same noise (the flow-map error; at 1 NFE the one-step flow-map error), beside the best
-training-free solver's excess NLL at 2 and 4 NFE. The numbers behind docs/distribution.md and docs/flow.md.
+training-free solver's excess NLL at 2 and 4 NFE, and the straightness and curvature (:mod:`fewstep.eval.trajectory`)
+of the student's and the teacher's ODE paths from the same 1,000 noises, each solved with Heun at 35 evaluations. The
+numbers behind docs/distribution.md and docs/flow.md.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from exact_ring import (
+    NOISE,
     RING,
     best_training_free_excess_nll,
     distil_on_ring,
@@ -34,6 +39,7 @@ from exact_ring import (
 from fewstep.cache import cache_dir
 from fewstep.data.sources import TeacherPairs, make_source
 from fewstep.eval.toy import reference_nll, toy_metrics
+from fewstep.eval.trajectory import curvature, record_solve, straightness
 from fewstep.methods import METHODS
 
 
@@ -72,6 +78,11 @@ def main() -> None:
         print(f"{nfe} NFE: modes {m['modes_covered']}/8, spread {m['spread_ratio']:.3f}, in-mode "
               f"{m['in_mode_fraction']:.3f}, weight error {m['mode_balance']:.3f}, excess NLL "
               f"{m['nll'] - reference:.3f}, flow-map error {flow_map_error(samples):.3f}")
+    with torch.no_grad():
+        paths = {"teacher": record_solve(RING.analytic, NOISE[:1000], "heun", 35),
+                 "student": record_solve(student, NOISE[:1000], "heun", 35)}
+    print("Heun@35 paths: " + ", ".join(f"{name} straightness {straightness(*path):.3f} curvature "
+                                        f"{curvature(*path):.3f}" for name, path in paths.items()))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ from fewstep.methods.distribution.tdm import TDM
 from fewstep.methods.distribution.uni_instruct import UniInstruct
 from fewstep.methods.flow.flow_map import FlowMapDistillation
 from fewstep.methods.flow.flow_map_free import FlowMapWithoutData
+from fewstep.methods.flow.instaflow import InstaFlow
 from fewstep.methods.flow.meanflow import MeanFlow
+from fewstep.methods.flow.reflow import Reflow
+from fewstep.methods.flow.rfpp import RFPP
+from fewstep.methods.flow.slimflow import SlimFlow
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -37,6 +41,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         SCT, SCD, ScoreRegularizedConsistency,
         DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill, UniInstruct, TDM,
         MeanFlow, FlowMapDistillation, FlowMapWithoutData,
+        Reflow, InstaFlow, RFPP, SlimFlow,
     )
 }
 
