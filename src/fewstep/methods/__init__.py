@@ -19,6 +19,9 @@ from fewstep.methods.distribution.few_step_sid import FewStepSiD
 from fewstep.methods.distribution.sid import SiD
 from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
+from fewstep.methods.flow.boot import BOOT
+from fewstep.methods.flow.mdt_dist import MDTDist
+from fewstep.methods.flow.twinflow import TwinFlow
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -31,6 +34,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         ConsistencyTrajectory, TrajectoryBackwardConsistency,
         SCT, SCD, ScoreRegularizedConsistency,
         DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill,
+        BOOT, MDTDist, TwinFlow,
     )
 }
 
