@@ -14,7 +14,7 @@ from fewstep.methods.flow.twinflow import FAKE, JUMP, REAL, TwinFlow, TwinFlowCo
 from fewstep.methods.losses import pseudo_huber
 from fewstep.methods.scores import karras_index_sigma
 from fewstep.models.analytic import ring_mixture
-from fewstep.models.denoiser import EDMDenoiser, FixedExtraDenoiser
+from fewstep.models.denoiser import ConsistencyDenoiser, EDMDenoiser, FixedExtraDenoiser
 from fewstep.models.io import load_model, save_model
 from fewstep.nets import MLP
 from fewstep.solvers import count_nfe
@@ -42,11 +42,14 @@ def twin(seed: int = 0, teacher=None, **config) -> TwinFlow:
 
 
 def test_every_reading_of_a_student_built_on_a_teacher_network_starts_as_the_teacher():
+    """... read with consistency coefficients, which hold the boundary net(x, sigma_min) = x exactly."""
     teacher = network_teacher()
     method = TwinFlow(teacher, TwinFlow.build_student(teacher, TwinFlowConfig(), None, 1.4), TwinFlowConfig())
     x, s = torch.randn(64, 2), torch.rand(64) * 10 + 0.01
+    expected = ConsistencyDenoiser(teacher.backbone, 1.4, 0.002)(x, s)
     for which in (REAL, JUMP, FAKE):
-        assert torch.allclose(method.reading(x, s, None, which), teacher(x, s), atol=1e-6)
+        assert torch.allclose(method.reading(x, s, None, which), expected, atol=1e-6)
+        assert torch.allclose(method.reading(x, torch.full((64,), 0.002), None, which), x)
     assert len(teacher.backbone.extra_embeddings) == 0  # the teacher's own network is untouched
 
 
