@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from exact_ring import RING, best_training_free_excess_nll, distil_on_ring, draw, small_mlp
+from exact_ring import RING, best_training_free_excess_nll, distil_on_ring, draw, low_frequency_mlp, small_mlp
 from fewstep.cache import cache_dir
 from fewstep.data.sources import TeacherPairs, make_source
 from fewstep.eval.toy import reference_nll, toy_metrics
@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--args", default="{}", help="method arguments as JSON")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-schedule", default="constant", help="the trainer's lr_schedule, e.g. cosine")
+    parser.add_argument("--low-frequency", action="store_true",
+                        help="student time features at most 20 radians (the continuous-time recipes' student)")
     options = parser.parse_args()
     cls = METHODS[options.method]
     config = cls.Config(**json.loads(options.args))
@@ -46,7 +49,9 @@ def main() -> None:
                              progress=False)
     source = make_source(cls.needs, RING, pairs)
     started = time.perf_counter()
-    method, student = distil_on_ring(cls, config, options.steps, source=source, lr=options.lr, seed=options.seed)
+    backbone = low_frequency_mlp if options.low_frequency else small_mlp
+    method, student = distil_on_ring(cls, config, options.steps, source=source, lr=options.lr, seed=options.seed,
+                                     backbone=backbone, lr_schedule=options.lr_schedule)
     print(f"{options.method} {options.args} steps {options.steps} lr {options.lr} seed {options.seed}: "
           f"{time.perf_counter() - started:.0f} s, {method.teacher_evals:,} teacher evaluations")
     print(f"best training-free excess NLL: 2 NFE {best_training_free_excess_nll(2):.3f}, "
