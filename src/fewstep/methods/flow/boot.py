@@ -1,5 +1,5 @@
 """BOOT: data-free distillation by bootstrapping. Gu, Zhai, Zhang, Liu & Susskind, "BOOT: Data-free Distillation of
-Denoising Diffusion Models with Bootstrapping", 2023 (ICML 2024 workshop).
+Denoising Diffusion Models with Bootstrapping", 2023.
 
 The student reads only noise: from ``x_T = T eps`` (``T = sigma_max``) it predicts the teacher's ODE state at any
 level ``s``. It is written as a flow map (a :class:`~fewstep.models.denoiser.TwoTimeDenoiser` ``g``)::

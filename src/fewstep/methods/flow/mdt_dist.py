@@ -1,5 +1,5 @@
-"""MDT-dist: Marginal-Data Transport distillation. Zhou et al., "Few-step Flow for 3D Generation via Marginal-Data
-Transport Distillation", 2025 (code Zanue/MDT-dist, ``trainers/flow_matching/flow_matching_mdt.py``).
+"""MDT-dist: Marginal-Data Transport distillation. "Few-step Flow for 3D Generation via Marginal-Data Transport
+Distillation", 2025 (code Zanue/MDT-dist, ``trainers/flow_matching/flow_matching_mdt.py``).
 
 The student learns the transport from the marginal at any time to data, the teacher ODE's map to time 0. In the
 paper's rectified-flow time (``x_t = (1 - t) x0 + t eps``, here ``t = s / (1 + s)`` of the VE level ``s`` and
@@ -72,7 +72,7 @@ class MDTDistConfig(MethodConfig):
 class MDTDist(DistillationMethod):
     name = "mdt_dist"
     family = "flow"
-    paper = "Zhou et al. 2025, Few-step Flow for 3D Generation via Marginal-Data Transport Distillation"
+    paper = "MDT-dist 2025, Few-step Flow for 3D Generation via Marginal-Data Transport Distillation"
     needs = frozenset({"data"})
     Config = MDTDistConfig
 
