@@ -37,9 +37,10 @@ sample: 2 with ``velocity: teacher`` (the Euler step and the rectification), 0 w
 Deviations from the code: the target time is restricted to ``tt in {t, 0}`` (``jump`` 0 or 1), because sampling
 only jumps to 0; the four buckets (end-to-end, small jumps, any jumps, adversarial) become one batch in which every
 term is taken; the recursive RCGM target (two steps) is a one-step consistency target of the EMA network; no
-CFG-enhanced target (a guided teacher is distilled with its own scale); EDM
-weights and pseudo-Huber or L2 instead of the tangent time weighting and the Barron-reweighted L2; the
-rectification's clamp is in clean-sample units (``rectify_clamp``), not velocity units.
+CFG-enhanced target (a guided teacher is distilled with its own scale); EDM weights and pseudo-Huber or L2 instead
+of the tangent time weighting and the Barron-reweighted L2; the rectification's clamp is in clean-sample units
+(``rectify_clamp``), not velocity units; the negative-time embedding is a second extra input, not a sign of the
+time.
 """
 
 from __future__ import annotations
