@@ -21,13 +21,16 @@ from fewstep.methods.distribution.sim import SIM
 from fewstep.methods.distribution.swiftbrush import SwiftBrush
 from fewstep.methods.distribution.tdm import TDM
 from fewstep.methods.distribution.uni_instruct import UniInstruct
+from fewstep.methods.flow.boot import BOOT
 from fewstep.methods.flow.flow_map import FlowMapDistillation
 from fewstep.methods.flow.flow_map_free import FlowMapWithoutData
 from fewstep.methods.flow.instaflow import InstaFlow
+from fewstep.methods.flow.mdt_dist import MDTDist
 from fewstep.methods.flow.meanflow import MeanFlow
 from fewstep.methods.flow.reflow import Reflow
 from fewstep.methods.flow.rfpp import RFPP
 from fewstep.methods.flow.slimflow import SlimFlow
+from fewstep.methods.flow.twinflow import TwinFlow
 from fewstep.methods.trajectory.consistency_trajectory import ConsistencyTrajectory
 from fewstep.methods.trajectory.hyper_sd import HyperSD
 from fewstep.methods.trajectory.progressive_distillation import ProgressiveDistillation
@@ -42,6 +45,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         DMD, DMD2, DiffInstruct, SwiftBrush, SiD, FewStepSiD, SIM, FDistill, UniInstruct, TDM,
         MeanFlow, FlowMapDistillation, FlowMapWithoutData,
         Reflow, InstaFlow, RFPP, SlimFlow,
+        BOOT, MDTDist, TwinFlow,
     )
 }
 
