@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from fewstep.errors import ConfigError
 from fewstep.methods.losses import edm_weight
 from fewstep.models.denoiser import Denoiser
 from fewstep.paths import bcast
@@ -149,6 +150,16 @@ WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
     "sf": lambda r: 1 / (1 + r),
     "neyman": lambda r: 1 / r,
 }
+
+
+def check_divergence(divergence: str, gan_critic_weight: float) -> None:
+    """Refuse an unknown divergence, or one weighted by a density ratio without the discriminator that estimates it
+    (only reverse KL needs none)."""
+    if divergence not in WEIGHTINGS:
+        raise ConfigError(f"method_args.divergence must be one of {', '.join(WEIGHTINGS)}, got {divergence!r}")
+    if divergence != "reverse_kl" and gan_critic_weight == 0:
+        raise ConfigError("method_args.gan_critic_weight must be > 0: the discriminator estimates the density ratio "
+                          f"that divergence {divergence!r} needs (only reverse_kl needs none)")
 
 
 def density_ratio(logit: Tensor) -> Tensor:

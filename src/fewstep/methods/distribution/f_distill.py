@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fewstep.errors import ConfigError
 from fewstep.methods.distribution.dmd2 import DMD2, DMD2Config
 from fewstep.methods.scores import (
     WEIGHTINGS,
+    check_divergence,
     density_ratio,
     dmd_direction,
     karras_index_sigma,
@@ -71,12 +71,7 @@ class FDistill(DMD2):
     Config = FDistillConfig
 
     def __init__(self, teacher: Denoiser, student: Denoiser, config: FDistillConfig):
-        if config.divergence not in WEIGHTINGS:
-            raise ConfigError(f"method_args.divergence must be one of {', '.join(WEIGHTINGS)}, "
-                              f"got {config.divergence!r}")
-        if config.divergence != "reverse_kl" and config.gan_critic_weight == 0:
-            raise ConfigError("method_args.gan_critic_weight must be > 0: the discriminator estimates the density "
-                              f"ratio that divergence {config.divergence!r} weights by (only reverse_kl needs none)")
+        check_divergence(config.divergence, config.gan_critic_weight)
         super().__init__(teacher, student, config)
 
     def scores(self, x: Tensor, sigma: Tensor, cond) -> tuple[Tensor, Tensor, Tensor]:
