@@ -298,3 +298,19 @@ def test_clip_score_and_distance_are_what_they_say():
     assert clip_score(unit, -unit) == 0.0  # negative similarity counts as none
     assert clip_frechet_distance(unit, unit) == pytest.approx(0.0, abs=1e-9)
     assert clip_frechet_distance(unit, unit + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)  # a shift of the mean only
+
+
+def test_a_student_starts_as_its_diffusers_teacher(folders, prompt_file):
+    """The student is the teacher's network read the teacher's way (path, prediction, timesteps), not an EDM
+    preconditioner around an eps network: before training it answers as the teacher; a consistency student equals
+    it wherever the noise dominates, and is the identity at its lowest level."""
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    x, cond = torch.randn(3, 4, 8, 8), teacher.dataset.conditions
+    with torch.no_grad():
+        for name, level, tolerance in (("diff_instruct", 2.0, 1e-6), ("lcm", 14.0, 1e-2)):
+            student = fewstep.build_method(teacher, name).student
+            s = torch.full((3,), level)
+            reference = teacher.denoiser(x, s, cond)
+            gap = (student(x, s, cond) - reference).abs().max() / reference.abs().max()
+            assert gap <= tolerance, (name, gap)
+        assert torch.equal(student(x, torch.full((3,), student.sigma_min), cond), x)
