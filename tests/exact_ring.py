@@ -11,6 +11,7 @@ from fewstep.data import load_dataset
 from fewstep.data.sources import RealData
 from fewstep.eval.levels import tune_levels
 from fewstep.eval.toy import reference_nll, toy_metrics
+from fewstep.models.analytic import GaussianMixture
 from fewstep.nets import MLP
 from fewstep.solvers import ode_endpoint, sample, solve
 from fewstep.train.trainer import TrainConfig, train
@@ -117,3 +118,21 @@ def generator_on_ring(cls, config, steps: int, nfe: int = 1) -> tuple[dict, floa
     method, student = distil_on_ring(cls, config, steps, source=make_source(cls.needs, RING, pairs))
     metrics = toy_metrics(draw(method, student, nfe), RING)
     return metrics, metrics["nll"] - reference_nll(RING)
+
+
+class ShiftGenerator(torch.nn.Module):
+    """A Gaussian generator ``x_G = mu + std z`` in a denoiser's clothes: fed ``level * z`` at ``level``, it returns
+    ``mu + std z``. Its ``backbone`` (unused) gives the methods a network to copy."""
+
+    def __init__(self, mu: torch.Tensor, std: float):
+        super().__init__()
+        self.mu, self.std = torch.nn.Parameter(mu.clone()), std
+        self.backbone = MLP((2,), width=16, depth=1).double()
+        self.data_shape, self.sigma_data = (2,), 0.5
+
+    def forward(self, x, sigma, cond=None):
+        return self.mu + self.std * x / sigma[:, None]
+
+
+def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
+    return GaussianMixture(torch.ones(1), mean[None], torch.full((1,), std**2, dtype=torch.float64))

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from exact_ring import RING, generator_on_ring, with_scores_swapped
+from exact_ring import RING, ShiftGenerator, gaussian, generator_on_ring, with_scores_swapped
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.data.sources import make_source
 from fewstep.errors import ConfigError
@@ -23,7 +23,6 @@ from fewstep.methods.scores import (
     karras_index_sigma,
     pseudo_target_loss,
 )
-from fewstep.models.analytic import GaussianMixture
 from fewstep.models.denoiser import EDMDenoiser
 from fewstep.nets import MLP
 from fewstep.solvers import SIGMA_MAX
@@ -142,24 +141,6 @@ def test_dmds_regression_pulls_the_generator_onto_the_teacher_pairs():
     batch = CompositeBatch({"noise": Batch(noise=noise), "teacher_pairs": Batch(noise=noise, endpoint=endpoint)})
     losses = dmd.losses("student", batch, 0, torch.Generator().manual_seed(0))
     assert float(losses["regression"]) == pytest.approx(1.0, rel=1e-5)
-
-
-class ShiftGenerator(torch.nn.Module):
-    """A Gaussian generator ``x_G = mu + std z`` in a denoiser's clothes: fed ``level * z`` at ``level``, it returns
-    ``mu + std z``. Its ``backbone`` (unused) gives the methods a network to copy."""
-
-    def __init__(self, mu: torch.Tensor, std: float):
-        super().__init__()
-        self.mu, self.std = torch.nn.Parameter(mu.clone()), std
-        self.backbone = MLP((2,), width=16, depth=1).double()
-        self.data_shape, self.sigma_data = (2,), 0.5
-
-    def forward(self, x, sigma, cond=None):
-        return self.mu + self.std * x / sigma[:, None]
-
-
-def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
-    return GaussianMixture(torch.ones(1), mean[None], torch.full((1,), std**2, dtype=DT))
 
 
 GENERATOR_ONLY = {"dmd": {"reg_weight": 0.0}, "dmd2": {"gan_generator_weight": 0.0}, "diff_instruct": {},

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from exact_ring import RING, generator_on_ring, with_scores_swapped
+from exact_ring import RING, ShiftGenerator, gaussian, generator_on_ring, with_scores_swapped
 from fewstep.data.batch import Batch, CompositeBatch
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
@@ -21,7 +21,6 @@ from fewstep.methods.distribution.uni_instruct import (
     expanded_divergence_loss,
 )
 from fewstep.methods.scores import WEIGHTINGS, index_levels, karras_grid
-from fewstep.models.analytic import GaussianMixture
 from fewstep.nets import MLP
 
 DT = torch.float64
@@ -88,23 +87,6 @@ def test_reverse_kl_is_twice_sids_loss_at_alpha_one_half():
     loss = expanded_divergence_loss(x_generated, real, fake, torch.ones(16, dtype=DT), "reverse_kl")
     sid = ((real - fake) * ((real - x_generated) - 0.5 * (real - fake))).sum(1)
     torch.testing.assert_close(loss, 2 * sid)
-
-
-class ShiftGenerator(torch.nn.Module):
-    """A Gaussian generator ``x_G = mu + std z``: fed ``level * z`` at ``level``, it returns ``mu + std z``."""
-
-    def __init__(self, mu: torch.Tensor, std: float):
-        super().__init__()
-        self.mu, self.std = torch.nn.Parameter(mu.clone()), std
-        self.backbone = MLP((2,), width=16, depth=1).double()
-        self.data_shape, self.sigma_data = (2,), 0.5
-
-    def forward(self, x, sigma, cond=None):
-        return self.mu + self.std * x / sigma[:, None]
-
-
-def gaussian(mean: torch.Tensor, std: float) -> GaussianMixture:
-    return GaussianMixture(torch.ones(1), mean[None], torch.full((1,), std**2, dtype=DT))
 
 
 class ExactRatio(UniInstruct):
