@@ -170,7 +170,7 @@ def test_a_transformer_pipelines_lora_loads_and_changes_its_network_as_the_stude
     cond = teacher.dataset.conditions[:2]
     with torch.no_grad():
         pipe.load_lora_weights(tmp_path / "lora")
-        loaded = pipelines.pipeline_denoiser(pipe, resolution=16)(x, s, cond)
+        loaded = pipelines.pipeline_denoiser(pipe, 16, teacher.null)(x, s, cond)
         ours = student.denoiser(x, s, cond)
         untrained = teacher.denoiser(x, s, cond)
     print(f"{kind} LoRA: student vs teacher {(ours - untrained).abs().max():.2e}, pipeline with the LoRA vs student "

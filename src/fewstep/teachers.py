@@ -188,6 +188,7 @@ class Teacher:
             encode_prompts,
             load_pipeline,
             pipeline_denoiser,
+            pixel_resolution,
             prompt_dataset,
         )
 
@@ -199,15 +200,16 @@ class Teacher:
         if images is not None:
             image_files(images)  # an empty or missing folder is refused before the pipeline loads
         pipe = load_pipeline(folder, torch_dtype)
-        denoiser = pipeline_denoiser(pipe, resolution)
+        pixels = pixel_resolution(pipe, resolution)
         latents = captions = names = None
-        if images is not None:
-            latents, names = encode_images(pipe, images, denoiser.data_shape[-1] * int(pipe.vae_scale_factor))
+        if images is not None:  # first: a corrupt image stops the job before any prompt is encoded
+            latents, names = encode_images(pipe, images, pixels)
             captions, null = encode_prompts(pipe, folder, names, negative_prompt, f"captions of {images}")
         conditions = captions
         if texts is not None:
             conditions, null = encode_prompts(pipe, folder, texts, negative_prompt,
                                               "prompt list" if isinstance(prompts, list) else str(prompts))
+        denoiser = pipeline_denoiser(pipe, pixels, null)
         source = "list" if isinstance(prompts, list) else prompts if prompts is not None else images
         dataset = prompt_dataset(f"prompts:{source}", denoiser.data_shape, conditions,
                                  texts if texts is not None else names, latents, captions)

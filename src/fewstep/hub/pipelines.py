@@ -96,6 +96,7 @@ def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None):
 def _encode(pipe, prompts: list[str]) -> TextCondition:
     """``prompts`` through the pipeline's own ``encode_prompt`` (no guidance: one row per prompt)."""
     name, device = type(pipe).__name__, pipe.device
+    ENCODED["prompts"] += len(prompts)
     with torch.no_grad():
         if name == "StableDiffusionPipeline":
             embeddings, _ = pipe.encode_prompt(prompts, device, 1, False)
@@ -144,7 +145,6 @@ def encode_prompts(pipe, folder: str | Path, prompts: list[str], negative_prompt
     _warn_long(pipe, prompts, source)
     conditions = _encode(pipe, prompts)
     null = _encode(pipe, [negative_prompt])
-    ENCODED["prompts"] += len(prompts) + 1
     tensors = {f"{role}.{name}": value.contiguous().cpu() for role, cond in (("prompt", conditions), ("null", null))
                for name, value in (("embeddings", cond.embeddings), ("mask", cond.mask), ("pooled", cond.pooled))
                if value is not None}
@@ -197,14 +197,12 @@ class LatentCodec(nn.Module):
         return self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
 
 
-def pipeline_denoiser(pipe, resolution: int | None = None) -> PathDenoiser:
-    """The pipeline's network read as a fewstep denoiser on latents of ``resolution`` pixels (default: the network's
-    own size), conditioned per batch on text (the stored condition is a placeholder of the right shape)."""
+def pixel_resolution(pipe, resolution: int | None = None) -> int:
+    """``resolution`` in pixels checked against the pipeline (a multiple of the VAE's factor times the patch of 2),
+    or the network's own size."""
     name = type(pipe).__name__
-    kind = PIPELINES[name]
-    network = getattr(pipe, kind.network)
     factor = int(pipe.vae_scale_factor)
-    size = network.config.get("sample_size")
+    size = getattr(pipe, PIPELINES[name].network).config.get("sample_size")
     if resolution is None:
         if size is None:
             raise ConfigError(f"a {name} has no default image size: give the resolution in pixels")
@@ -212,11 +210,19 @@ def pipeline_denoiser(pipe, resolution: int | None = None) -> PathDenoiser:
     if resolution % (factor * 2) or resolution < factor * 2:
         raise ConfigError(f"resolution {resolution} must be a positive multiple of {factor * 2} (the VAE's factor "
                           f"{factor} times the network's patch of 2)")
+    return resolution
+
+
+def pipeline_denoiser(pipe, resolution: int, placeholder: TextCondition) -> PathDenoiser:
+    """The pipeline's network read as a fewstep denoiser on latents of ``resolution`` pixels
+    (:func:`pixel_resolution`), conditioned per batch on text; ``placeholder`` (one row, e.g. the null condition)
+    is the stored condition that fixes the embeddings' shapes."""
+    kind = PIPELINES[type(pipe).__name__]
+    factor = int(pipe.vae_scale_factor)
     shape = (int(pipe.vae.config.latent_channels), resolution // factor, resolution // factor)
-    placeholder = _encode(pipe, [""])
     time_ids = [resolution, resolution, 0, 0, resolution, resolution] if kind.size_conditioning else None
-    return diffusers_denoiser(network, pipe.scheduler, shape, 0, placeholder.embeddings, placeholder.pooled,
-                              time_ids=time_ids)
+    return diffusers_denoiser(getattr(pipe, kind.network), pipe.scheduler, shape, 0, placeholder.embeddings,
+                              placeholder.pooled, time_ids=time_ids)
 
 
 def prompt_dataset(name: str, data_shape: tuple[int, ...], conditions: TextCondition, prompts: list[str],
