@@ -18,6 +18,7 @@ from fewstep.errors import ConfigError, DataError
 from fewstep.eval.clip import clip_frechet_distance, clip_score
 from fewstep.hub import pipelines
 from fewstep.models.denoiser import BoundaryDenoiser
+from fewstep.nets.diffusers_backbone import unpack_patches
 from tiny_pipelines import build, clip_model
 
 PROMPTS = "a cat\na dog\n\na red fox\n"
@@ -158,24 +159,48 @@ def test_the_exported_pipeline_and_lora_give_the_students_own_images(folders, pr
     assert (images - (decoded / 2 + 0.5).clamp(0, 1)).abs().max().item() < 1e-5
 
 
+def lora_pipeline(folder, lora):
+    pipe = pipelines.load_pipeline(folder)
+    pipe.load_lora_weights(lora)
+    pipe.scheduler = hub.FewstepScheduler.from_pretrained(lora, subfolder="scheduler")
+    return pipe
+
+
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_a_transformer_pipelines_lora_loads_and_changes_its_network_as_the_students(folders, prompt_file, tmp_path,
-                                                                                      kind):
-    """SD3-like and FLUX-like: the LoRA file loads with ``load_lora_weights`` into the pipeline's transformer, which
-    then answers (read through the same backbone) as the student's network does."""
+def test_an_exported_transformer_pipeline_and_lora_give_the_students_own_images(folders, prompt_file, tmp_path, kind):
+    """SD3-like and FLUX-like pipelines feed their latents to the network unscaled and do not pass their generator to
+    the scheduler: started from ``pipeline_latents`` (the student's first state, packed for FLUX) with torch's global
+    generator seeded as for the student, the exported pipeline and the base pipeline with the LoRA give the student's
+    latents and images to float32 round-off."""
     teacher, student = distilled(folders[kind], prompt_file, resolution=16)  # FLUX's config has no image size
+    hub.export_student(student, tmp_path / "pipe", "diffusers")
     hub.export_student(student, tmp_path / "lora", "lora")
-    pipe = pipelines.load_pipeline(folders[kind])
-    x, s = torch.randn(2, *teacher.dataset.data_shape), torch.tensor([0.5, 5.0])
-    cond = teacher.dataset.conditions[:2]
-    with torch.no_grad():
-        pipe.load_lora_weights(tmp_path / "lora")
-        loaded = pipelines.pipeline_denoiser(pipe, 16, teacher.null)(x, s, cond)
-        ours = student.denoiser(x, s, cond)
-        untrained = teacher.denoiser(x, s, cond)
-    print(f"{kind} LoRA: student vs teacher {(ours - untrained).abs().max():.2e}, pipeline with the LoRA vs student "
-          f"{(loaded - ours).abs().max():.2e}")
-    assert (ours - untrained).abs().max() > 1e-4 and (loaded - ours).abs().max() < 1e-5
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}  # the tiny SD3 has no T5
+    full = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe", **no_t5)
+    with_lora = lora_pipeline(folders[kind], tmp_path / "lora")
+    plain = pipelines.load_pipeline(folders[kind])
+    plain.scheduler = with_lora.scheduler
+    shape, cond = teacher.dataset.data_shape, teacher.dataset.conditions[1:2]  # "a dog"
+
+    def run(pipe, nfe: int, output_type: str = "latent") -> torch.Tensor:
+        torch.manual_seed(nfe)
+        latents = pipelines.pipeline_latents(pipe, torch.randn((1, *shape)), nfe)
+        out = pipe("a dog", num_inference_steps=nfe, guidance_scale=1.0, height=16, width=16, latents=latents,
+                   output_type=output_type).images
+        return unpack_patches(out, shape) if kind == "flux" and output_type == "latent" else out
+
+    for nfe in (1, 2, 4):
+        torch.manual_seed(nfe)
+        ours = student.sample(1, nfe=nfe, noise=torch.randn((1, *shape)), generator=torch.default_generator, cond=cond)
+        for name, pipe in (("full pipeline", full), ("pipeline + LoRA", with_lora)):
+            diff = (run(pipe, nfe) - ours).abs().max().item()
+            print(f"{kind} {name} vs fewstep at {nfe} NFE: max abs diff {diff:.2e}")
+            assert diff < 1e-5
+        assert (run(plain, nfe) - ours).abs().max().item() > 1e-3  # the LoRA matters
+    torch.manual_seed(2)
+    decoded = pipelines.LatentCodec(teacher.pipeline.vae).decode(
+        student.sample(1, nfe=2, noise=torch.randn((1, *shape)), generator=torch.default_generator, cond=cond))
+    assert (run(full, 2, "pt") - (decoded / 2 + 0.5).clamp(0, 1)).abs().max().item() < 1e-5
 
 
 def test_lora_rank_must_be_positive(folders, prompt_file):
@@ -314,3 +339,52 @@ def test_a_student_starts_as_its_diffusers_teacher(folders, prompt_file):
             gap = (student(x, s, cond) - reference).abs().max() / reference.abs().max()
             assert gap <= tolerance, (name, gap)
         assert torch.equal(student(x, torch.full((3,), student.sigma_min), cond), x)
+
+
+def test_a_saved_dataset_gives_the_same_prompts_and_images_as_files(folders, tmp_path):
+    """A dataset saved with the ``datasets`` library is a prompt source (its prompt column) and an image source (its
+    ``image`` column, captions from its prompt column): the same prompts, captions and latents as the files."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    datasets.Dataset.from_dict({"text": ["a cat", "  ", "a dog"], "n": [1, 2, 3]}).save_to_disk(tmp_path / "prompts")
+    assert read_prompts(tmp_path / "prompts") == ["a cat", "a dog"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a red fox"]})}).save_to_disk(
+        tmp_path / "split")
+    assert read_prompts(tmp_path / "split") == ["a red fox"]
+    files = image_folder(tmp_path / "images")
+    pictures = [Image.open(f) for f in sorted(files.glob("*.png"))]
+    captions = ["a cat", "", "a dog", ""]  # as image_folder writes them
+    datasets.Dataset.from_dict({"image": pictures, "caption": captions}, features=datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string")})).save_to_disk(tmp_path / "saved")
+    from_files = fewstep.Teacher.from_pipeline(folders["sd"], images=files)
+    from_saved = fewstep.Teacher.from_pipeline(folders["sd"], images=tmp_path / "saved")
+    assert from_saved.dataset.prompts == captions == from_files.dataset.prompts
+    assert torch.allclose(from_saved.dataset.train_x, from_files.dataset.train_x, atol=1e-6)
+    assert torch.equal(from_saved.dataset.train_y.embeddings, from_files.dataset.train_y.embeddings)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"n": [1]}, "no prompt/caption/text column"),
+    ({"text": ["", " "]}, "holds no prompt"),
+])
+def test_a_bad_saved_prompt_dataset_is_one_clear_error(tmp_path, columns, message):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(columns).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=message):
+        read_prompts(tmp_path / "saved")
+
+
+def test_a_saved_dataset_without_images_with_a_corrupt_one_or_without_a_train_split_is_refused(folders, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"caption": ["a cat"]}).save_to_disk(tmp_path / "no_images")
+    with pytest.raises(DataError, match="has no image column"):
+        fewstep.Teacher.from_pipeline(folders["sd"], images=tmp_path / "no_images")
+    datasets.Dataset.from_dict({"image": [{"bytes": b"not a png", "path": None}]}, features=datasets.Features(
+        {"image": datasets.Image()})).save_to_disk(tmp_path / "corrupt")
+    with pytest.raises(DataError, match="the image in row 0 cannot be read"):
+        fewstep.Teacher.from_pipeline(folders["sd"], images=tmp_path / "corrupt")
+    assert not (tmp_path / "cache" / "latents").exists()
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(tmp_path / "test_only")
+    with pytest.raises(DataError, match="no 'train' split"):
+        read_prompts(tmp_path / "test_only")

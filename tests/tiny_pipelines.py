@@ -88,7 +88,8 @@ def build(kind: str, folder: Path) -> Path:
                                                    pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
         t5 = T5EncoderModel(T5Config(vocab_size=3 + len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                      num_heads=2))
-        pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae(),
+        pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                      vae=vae(scaling_factor=0.3611, shift_factor=0.1159),  # FLUX's own
                                       text_encoder=clip(16), tokenizer=words, text_encoder_2=t5,
                                       tokenizer_2=t5_tokenizer(), transformer=network)
     else:
@@ -97,7 +98,8 @@ def build(kind: str, folder: Path) -> Path:
                                                   joint_attention_dim=32, caption_projection_dim=16,
                                                   pooled_projection_dim=32, out_channels=4)
         pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=network, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae(),
+            transformer=network, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's own
             text_encoder=clip(16, True), tokenizer=words, text_encoder_2=clip(16, True), tokenizer_2=words,
             text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder)

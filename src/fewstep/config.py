@@ -65,8 +65,9 @@ class EvalRecipe:
 @dataclass
 class DataRecipe:
     """A text-to-image job's data, read when ``teacher.source`` is a diffusers pipeline folder: ``prompts`` (a
-    ``.txt``, ``.csv`` or ``.jsonl`` prompt file) are what data-free methods draw; ``images`` (a folder of images
-    with optional same-name ``.txt`` captions) are real data for the methods that train on it;
+    ``.txt``, ``.csv`` or ``.jsonl`` prompt file, or a dataset saved with the ``datasets`` library) are what data-free
+    methods draw; ``images`` (a folder of images with optional same-name ``.txt`` captions, or a saved dataset with an
+    ``image`` column) are real data for the methods that train on it;
     ``negative_prompt`` is guidance's null condition; ``resolution`` is in pixels (default: the pipeline
     network's own size)."""
 

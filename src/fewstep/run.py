@@ -25,7 +25,7 @@ from fewstep.config import (
 )
 from fewstep.data import load_dataset
 from fewstep.data.batch import NEEDS
-from fewstep.data.images import image_files
+from fewstep.data.images import check_images
 from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
@@ -194,12 +194,12 @@ def check_text_job(recipe: Recipe) -> None:
     pipeline_kind(recipe.teacher.source)
     data = recipe.data
     if data.prompts is None and data.images is None:
-        raise ConfigError("a text-to-image job needs data.prompts (a .txt, .csv or .jsonl prompt file) or "
-                          "data.images (a folder of captioned images)")
+        raise ConfigError("a text-to-image job needs data.prompts (a .txt, .csv or .jsonl prompt file, or a saved "
+                          "dataset) or data.images (a folder of captioned images, or a saved dataset)")
     if data.prompts is not None:
         read_prompts(data.prompts)
     if data.images is not None:
-        image_files(data.images)
+        check_images(data.images)
     if recipe.student.lora_rank is not None and recipe.student.lora_rank < 1:
         raise ConfigError(f"student.lora_rank must be a positive integer, got {recipe.student.lora_rank}")
     if data.resolution is not None and data.resolution < 1:
@@ -217,9 +217,8 @@ def check_text_job(recipe: Recipe) -> None:
 
 def run_text_job(recipe: Recipe, progress: bool = True, resume_changed: bool = False) -> dict:
     """A text-to-image job (:func:`run_recipe` with a pipeline folder as teacher): distil on the pipeline's latents,
-    export the student (``out/lora`` with a LoRA student, ``out/pipeline`` for UNet pipelines, ``out/student``
-    otherwise), and compare it with the teacher on the same prompts and noise (``report.json``, ``report.md``,
-    ``samples.png``)."""
+    export the student (``out/lora`` with a LoRA student, else ``out/student``; ``out/pipeline`` always), and
+    compare it with the teacher on the same prompts and noise (``report.json``, ``report.md``, ``samples.png``)."""
     started = time.perf_counter()
     data, out = recipe.data, Path(recipe.out)
     teacher = Teacher.from_pipeline(recipe.teacher.source, data.prompts, data.images, data.negative_prompt,
@@ -231,9 +230,7 @@ def run_text_job(recipe: Recipe, progress: bool = True, resume_changed: bool = F
                       nfe=tuple(recipe.eval.student_nfe), progress=progress, allow_changes=resume_changed)
     from fewstep.hub import export_student
 
-    exports = ["lora"] if recipe.student.lora_rank else ["fewstep"]
-    if hasattr(teacher.pipeline, "unet"):
-        exports.append("diffusers")
+    exports = ["lora" if recipe.student.lora_rank else "fewstep", "diffusers"]
     folders = {"lora": "lora", "fewstep": "student", "diffusers": "pipeline"}
     for kind in exports:
         export_student(student, out / folders[kind], kind, overwrite=True)
@@ -252,7 +249,7 @@ def compare_with_teacher(teacher: Teacher, student: Student, recipe: Recipe, out
     """The student against the teacher's finely solved ODE (Heun at the largest ``eval.teacher_nfe``) on the same
     prompts and noise: root-mean-square distance of latents and of decoded pixels (in [-1, 1]) per student NFE,
     and ``samples.png`` (teacher's row, then one row per NFE)."""
-    from fewstep.hub.pipelines import LatentCodec
+    from fewstep.hub.pipelines import PIPELINES, LatentCodec
 
     conditions = teacher.dataset.conditions
     n = min(recipe.eval.n_samples or 8, len(conditions))
@@ -270,7 +267,9 @@ def compare_with_teacher(teacher: Teacher, student: Student, recipe: Recipe, out
         rows.append({"nfe": nfe, "latent_rmse": float((latents - reference).pow(2).mean().sqrt()),
                      "pixel_rmse": float((pixels - panels[f"teacher heun@{reference_nfe}"]).pow(2).mean().sqrt())})
     compare_grids({name: images.clamp(-1, 1) for name, images in panels.items()}, out / "samples.png")
-    report = {"kind": "text_to_image", "model": teacher.name, "method": student.method,
+    pipeline = type(teacher.pipeline).__name__
+    report = {"kind": "text_to_image", "model": teacher.name, "pipeline": pipeline,
+              "pipeline_scales_noise": PIPELINES[pipeline].scales_input, "method": student.method,
               "reference": f"heun@{reference_nfe}", "prompts": n, "results": rows}
     if recipe.eval.encoder is not None:
         clip = ClipFeatures(recipe.eval.encoder)
@@ -299,6 +298,9 @@ def text_job_markdown(report: dict) -> str:
     lines += ["", f"Training: {training['steps']} steps in {training['seconds']:.0f} s, "
               f"{training['teacher_evals'] or 0:,} teacher evaluations.", "",
               f"Exports: {', '.join(f'{kind} in `{path}`' for kind, path in report['exports'].items())}.", "",
+              *([] if report["pipeline_scales_noise"] else [
+                  f"A {report['pipeline']} does not scale its initial noise: for the student's own samples pass "
+                  "`latents=fewstep.hub.pipelines.pipeline_latents(pipe, noise, nfe)` (see docs/diffusers.md).", ""]),
               "![samples](samples.png)", ""]
     return "\n".join(lines)
 

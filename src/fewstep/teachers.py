@@ -15,7 +15,7 @@ from torch import Tensor
 from fewstep.cache import cache_dir
 from fewstep.conditions import Condition, TextCondition
 from fewstep.data import DATASETS, load_dataset
-from fewstep.data.images import image_files
+from fewstep.data.images import check_images
 from fewstep.data.prompts import read_prompts
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import CheckpointError, ConfigError, DataError
@@ -198,7 +198,7 @@ class Teacher:
         if texts is not None and (not texts or not all(isinstance(text, str) for text in texts)):
             raise DataError("prompts must be a prompt file or a non-empty list of strings")
         if images is not None:
-            image_files(images)  # an empty or missing folder is refused before the pipeline loads
+            check_images(images)  # an empty or missing folder is refused before the pipeline loads
         pipe = load_pipeline(folder, torch_dtype)
         pixels = pixel_resolution(pipe, resolution)
         latents = captions = names = None

@@ -1,6 +1,7 @@
 """Prompt files: the prompts a text-to-image student is distilled on, read from a text file (one prompt per line),
 a CSV file (a ``prompt``, ``caption`` or ``text`` column) or a JSONL file (one object per line with one of those
-keys). Blank lines are skipped; nothing else is changed. Every problem is one :class:`~fewstep.errors.DataError`
+keys), or a dataset saved with the ``datasets`` library (:mod:`fewstep.data.saved_datasets`). Blank lines are
+skipped; nothing else is changed. Every problem is one :class:`~fewstep.errors.DataError`
 that names the file and, where there is one, the line."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+from fewstep.data.saved_datasets import first_column, is_saved_dataset, load_saved
 from fewstep.errors import DataError
 
 PROMPT_KEYS = ("prompt", "caption", "text")
@@ -16,11 +18,14 @@ PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl")
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts in ``path`` (``.txt``, ``.csv`` or ``.jsonl``), in file order."""
+    """The prompts in ``path`` (``.txt``, ``.csv`` or ``.jsonl``, or a saved dataset folder), in file order."""
     path = Path(path)
+    if is_saved_dataset(path):
+        return _dataset_prompts(path)
     if path.suffix not in PROMPT_SUFFIXES:
         raise DataError(f"prompt file {path}: use a {', '.join(PROMPT_SUFFIXES)} file (one prompt per line, a CSV "
-                        f"with a {'/'.join(PROMPT_KEYS)} column, or JSONL objects with one of those keys)")
+                        f"with a {'/'.join(PROMPT_KEYS)} column, or JSONL objects with one of those keys) or a "
+                        "folder saved with the datasets library")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -59,4 +64,18 @@ def _jsonl_prompts(text: str, path: Path) -> list[str]:
             raise DataError(f"{path} line {number} has no string {'/'.join(PROMPT_KEYS)} field")
         if record[key].strip():
             prompts.append(record[key].strip())
+    return prompts
+
+
+def _dataset_prompts(path: Path) -> list[str]:
+    dataset = load_saved(path)
+    key = first_column(dataset, path, PROMPT_KEYS)
+    prompts = []
+    for row, value in enumerate(dataset[key]):
+        if not isinstance(value, str):
+            raise DataError(f"saved dataset {path}: row {row} of column {key!r} is not a string")
+        if value.strip():
+            prompts.append(value.strip())
+    if not prompts:
+        raise DataError(f"saved dataset {path} holds no prompt in its {key!r} column")
     return prompts

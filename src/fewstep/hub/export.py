@@ -5,10 +5,12 @@
 * ``diffusers``: a pipeline folder with a :class:`~fewstep.hub.scheduler.FewstepScheduler` that holds the
   student's preconditioner and levels, so ``pipe(num_inference_steps=k)`` samples exactly as
   ``student.sample(nfe=k)`` (load it after ``import fewstep.hub``). A ``UNet2DModel`` student gives a
-  ``ConsistencyModelPipeline`` (``unet/`` + ``scheduler/``); a student of a text-to-image pipeline (SD, SDXL)
-  gives that pipeline with the student's UNet (a LoRA adapter fused into it) and the scheduler, so
+  ``ConsistencyModelPipeline`` (``unet/`` + ``scheduler/``); a student of a text-to-image pipeline (SD, SDXL,
+  SD3, FLUX) gives that pipeline with the student's network (a LoRA adapter fused into it) and the scheduler, so
   ``pipe(prompt, num_inference_steps=k, guidance_scale=1)`` gives the student's images (guidance, if the teacher
-  had it, is distilled into the student).
+  had it, is distilled into the student). SD3 and FLUX do not scale their initial noise: pass
+  ``latents=pipeline_latents(pipe, noise)`` (:func:`fewstep.hub.pipelines.pipeline_latents`) for the student's
+  exact samples.
 * ``lora``: the peft LoRA layers of a student's diffusers network (see :func:`add_lora`; diffusers supports
   LoRA on ``UNet2DConditionModel`` and the transformers, not on ``UNet2DModel``) in the file the pipeline's
   ``save_lora_weights`` writes (``pytorch_lora_weights.safetensors``), which ``pipe.load_lora_weights(folder)``
@@ -67,13 +69,19 @@ def export_fewstep(student, out: str | Path) -> None:
 
 def student_scheduler(student, default_nfe: int | None = None) -> FewstepScheduler:
     """The :class:`FewstepScheduler` that samples as ``student`` does at each NFE it has an ``euler`` or
-    ``consistency`` schedule for; ``default_nfe`` is the NFE set at load (default: smallest)."""
+    ``consistency`` schedule for, for the loop of the pipeline it was distilled from (if any); ``default_nfe`` is
+    the NFE set at load (default: smallest)."""
     sampling = {str(nfe): asdict(spec) for nfe, spec in sorted(student.sampling.items())
                 if spec.sampler in ("euler", "consistency")}
     if not sampling:
         raise ConfigError("the student samples with neither 'euler' nor 'consistency' at any NFE; nothing to export")
+    folder = teacher_pipeline(student)
+    kind = None if folder is None else pipeline_kind(folder)[1]
+    loop = {} if kind is None or kind.scales_input else {
+        "state": "network", "timestep_scale": kind.timestep_scale,
+        "packed_shape": list(student.dataset.data_shape) if kind.packed else None}
     return FewstepScheduler(student.denoiser.config(), sampling,
-                            default_nfe if default_nfe is not None else min(map(int, sampling)))
+                            default_nfe if default_nfe is not None else min(map(int, sampling)), **loop)
 
 
 def teacher_pipeline(student) -> Path | None:
@@ -88,21 +96,19 @@ def export_diffusers(student, out: str | Path, default_nfe: int | None = None) -
     network = diffusers_network(student)
     kind = type(network).__name__
     folder = teacher_pipeline(student)
-    if kind == "UNet2DConditionModel" and folder is not None:
+    if folder is not None:
         pipeline = load_pipeline(folder)
-        if not hasattr(pipeline, "unet"):
-            raise ConfigError(f"full pipeline export supports the UNet pipelines; {folder} is a "
-                              f"{type(pipeline).__name__} (export --format lora instead)")
         network = copy.deepcopy(network)
         if getattr(network, "_hf_peft_config_loaded", False):
             network.fuse_lora()
             network.unload_lora()
-        pipeline.register_modules(unet=network, scheduler=student_scheduler(student, default_nfe))
+        pipeline.register_modules(**{pipeline_kind(folder)[1].network: network},
+                                  scheduler=student_scheduler(student, default_nfe))
     elif kind == "UNet2DModel":
         pipeline = ConsistencyModelPipeline(unet=network, scheduler=student_scheduler(student, default_nfe))
     else:
-        raise ConfigError(f"diffusers pipeline export supports UNet2DModel students and students of SD / SDXL "
-                          f"pipelines; this one is a {kind} (export --format fewstep or lora instead)")
+        raise ConfigError(f"diffusers pipeline export supports UNet2DModel students and students of a text-to-image "
+                          f"pipeline; this one is a {kind} (export --format fewstep or lora instead)")
     _write_atomically(out, "diffusers", pipeline.save_pretrained)
 
 

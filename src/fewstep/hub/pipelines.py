@@ -30,21 +30,29 @@ from torch import Tensor, nn
 
 from fewstep.cache import atomic_write, cache_dir
 from fewstep.conditions import TextCondition
-from fewstep.data.images import image_files, read_captions, read_images
+from fewstep.data.images import dataset_captions, dataset_images, image_files, read_captions, read_images, square_image
+from fewstep.data.saved_datasets import is_saved_dataset
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
 from fewstep.hub.teachers import diffusers_denoiser
 from fewstep.models.denoiser import PathDenoiser
+from fewstep.nets.diffusers_backbone import pack_patches
 
 
 @dataclass(frozen=True)
 class PipelineKind:
-    """What fewstep reads from a pipeline class: its network folder and the components its encoders need."""
+    """What fewstep reads from a pipeline class: its network folder and the components its encoders need; how its
+    sampling loop treats a scheduler: ``scales_input`` (it scales the initial noise by ``init_noise_sigma`` and calls
+    ``scale_model_input``), ``timestep_scale`` (it divides the scheduler's timesteps by this before the network) and
+    ``packed`` (it holds latents as 2x2 patches)."""
 
     network: str
     encoders: tuple[str, ...]
     optional: tuple[str, ...] = ()
     size_conditioning: bool = False
+    scales_input: bool = True
+    timestep_scale: float = 1.0
+    packed: bool = False
 
 
 PIPELINES = {
@@ -52,8 +60,10 @@ PIPELINES = {
     "StableDiffusionXLPipeline": PipelineKind("unet", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
                                               size_conditioning=True),
     "StableDiffusion3Pipeline": PipelineKind("transformer", ("text_encoder", "tokenizer", "text_encoder_2",
-                                                             "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
-    "FluxPipeline": PipelineKind("transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+                                                             "tokenizer_2"), ("text_encoder_3", "tokenizer_3"),
+                                             scales_input=False),
+    "FluxPipeline": PipelineKind("transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+                                 scales_input=False, timestep_scale=1000.0, packed=True),
 }
 ENCODED = {"prompts": 0, "images": 0}  # run through an encoder in this process (cache hits do not count)
 
@@ -153,19 +163,25 @@ def encode_prompts(pipe, folder: str | Path, prompts: list[str], negative_prompt
 
 
 def encode_images(pipe, folder: str | Path, resolution: int) -> tuple[Tensor, list[str]]:
-    """``(latents, captions)`` of the image folder ``folder`` (:mod:`fewstep.data.images`) at ``resolution``
-    pixels, encoded once by the pipeline's VAE and cached, keyed by the VAE's and the images' files."""
-    files = image_files(folder)
+    """``(latents, captions)`` of the image folder or saved dataset ``folder`` (:mod:`fewstep.data.images`,
+    :mod:`fewstep.data.saved_datasets`) at ``resolution`` pixels, encoded once by the pipeline's VAE and cached,
+    keyed by the VAE's and the images' files."""
+    folder = Path(folder)
+    saved = is_saved_dataset(folder)
+    files = sorted(f for f in folder.rglob("*") if f.is_file()) if saved else image_files(folder)
     identity = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     vae_files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(pipe.vae.config._name_or_path
                                                                                       ).rglob("*")) if f.is_file()]
     key = hashlib.sha256(json.dumps({"images": identity, "vae": [str(pipe.vae.config._name_or_path), vae_files],
                                      "resolution": resolution}).encode()).hexdigest()[:24]
     file = cache_dir() / "latents" / f"{key}.safetensors"
-    captions = read_captions(files)
+    captions = dataset_captions(folder) if saved else read_captions(files)
     if file.is_file():
         return load_file(file)["latents"], captions
-    images = read_images(files, resolution)
+    if saved:
+        images = torch.stack([square_image(picture, resolution) for picture in dataset_images(folder)])
+    else:
+        images = read_images(files, resolution)
     codec = LatentCodec(pipe.vae)
     latents = torch.cat([codec.encode(images[i:i + 16].to(pipe.device)).float().cpu()
                          for i in range(0, len(images), 16)])
@@ -223,6 +239,18 @@ def pipeline_denoiser(pipe, resolution: int, placeholder: TextCondition) -> Path
     time_ids = [resolution, resolution, 0, 0, resolution, resolution] if kind.size_conditioning else None
     return diffusers_denoiser(getattr(pipe, kind.network), pipe.scheduler, shape, 0, placeholder.embeddings,
                               placeholder.pooled, time_ids=time_ids)
+
+
+def pipeline_latents(pipe, noise: Tensor, nfe: int) -> Tensor:
+    """The ``latents=`` argument that starts ``pipe``, holding a student's exported scheduler, from the student's first
+    state for unit ``noise`` ``(B, C, H, W)`` at ``nfe`` steps: ``noise`` itself for pipelines that scale it (SD,
+    SDXL), ``noise * init_noise_sigma`` (packed for FLUX) for those that do not."""
+    kind = PIPELINES[type(pipe).__name__]
+    if kind.scales_input:
+        return noise
+    pipe.scheduler.set_timesteps(nfe)
+    latents = noise * pipe.scheduler.init_noise_sigma
+    return pack_patches(latents) if kind.packed else latents
 
 
 def prompt_dataset(name: str, data_shape: tuple[int, ...], conditions: TextCondition, prompts: list[str],

@@ -144,16 +144,27 @@ class DiffusersBackbone(nn.Module):
     def _flux(self, h: Tensor, t: Tensor, text: TextCondition, dtype: torch.dtype) -> Tensor:
         """FLUX works on 2x2 patches ``(B, H/2 * W/2, 4 C)`` with 3-component position ids."""
         batch, c, height, width = h.shape
-        packed = h.view(batch, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        packed = packed.reshape(batch, (height // 2) * (width // 2), c * 4)
         img_ids = torch.zeros(height // 2, width // 2, 3, device=h.device, dtype=dtype)
         img_ids[..., 1] += torch.arange(height // 2, device=h.device, dtype=dtype)[:, None]
         img_ids[..., 2] += torch.arange(width // 2, device=h.device, dtype=dtype)[None, :]
         txt_ids = torch.zeros(text.embeddings.shape[1], 3, device=h.device, dtype=dtype)
         guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=h.device,
                                                                   dtype=dtype)
-        out = self.model(packed, encoder_hidden_states=text.embeddings, pooled_projections=text.pooled,
+        out = self.model(pack_patches(h), encoder_hidden_states=text.embeddings, pooled_projections=text.pooled,
                          timestep=t, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids, guidance=guidance,
                          return_dict=False)[0]
-        out = out.view(batch, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(batch, c, height, width)
+        return unpack_patches(out, (c, height, width))
+
+
+def pack_patches(h: Tensor) -> Tensor:
+    """``(B, C, H, W)`` latents as FLUX's sequence of 2x2 patches ``(B, H/2 * W/2, 4 C)``."""
+    batch, c, height, width = h.shape
+    packed = h.reshape(batch, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(batch, (height // 2) * (width // 2), c * 4)
+
+
+def unpack_patches(packed: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """The inverse of :func:`pack_patches` for latents of ``shape`` ``(C, H, W)``."""
+    c, height, width = shape
+    out = packed.reshape(packed.shape[0], height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(packed.shape[0], c, height, width)
