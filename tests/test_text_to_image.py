@@ -18,7 +18,7 @@ from fewstep.errors import ConfigError, DataError
 from fewstep.eval.clip import clip_frechet_distance, clip_score
 from fewstep.hub import pipelines
 from fewstep.models.denoiser import BoundaryDenoiser
-from fewstep.nets.diffusers_backbone import unpack_patches
+from fewstep.nets.diffusers_backbone import pack_patches, unpack_patches
 from tiny_pipelines import build, clip_model
 
 PROMPTS = "a cat\na dog\n\na red fox\n"
@@ -197,6 +197,14 @@ def test_an_exported_transformer_pipeline_and_lora_give_the_students_own_images(
             print(f"{kind} {name} vs fewstep at {nfe} NFE: max abs diff {diff:.2e}")
             assert diff < 1e-5
         assert (run(plain, nfe) - ours).abs().max().item() > 1e-3  # the LoRA matters
+        torch.manual_seed(nfe)
+        noise = torch.randn((1, *shape))
+        unscaled = full("a dog", num_inference_steps=nfe, guidance_scale=1.0, height=16, width=16,
+                        output_type="latent", latents=noise if kind == "sd3" else pack_patches(noise)).images
+        off = (unscaled if kind == "sd3" else unpack_patches(unscaled, shape)) - ours
+        print(f"{kind} started from unscaled noise at {nfe} NFE: max abs diff {off.abs().max():.3g} (latents' rms "
+              f"{ours.pow(2).mean().sqrt():.3g})")
+        assert off.abs().max().item() > 1e-2  # what latents=pipeline_latents(...) is for
     torch.manual_seed(2)
     decoded = pipelines.LatentCodec(teacher.pipeline.vae).decode(
         student.sample(1, nfe=2, noise=torch.randn((1, *shape)), generator=torch.default_generator, cond=cond))
