@@ -396,3 +396,31 @@ def test_a_saved_dataset_without_images_with_a_corrupt_one_or_without_a_train_sp
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(tmp_path / "test_only")
     with pytest.raises(DataError, match="no 'train' split"):
         read_prompts(tmp_path / "test_only")
+
+
+def test_a_vp_pipeline_teachers_solves_and_pairs_start_at_its_last_timestep(folders, prompt_file):
+    """The teacher's ODE (its samples, and the pairs DMD regresses on) starts at the SD schedule's last level (about
+    14.6), never at EDM's 80, where the UNet would be read at timesteps it was never trained on; DMD then builds
+    with its generator at that level."""
+    from fewstep.models.denoiser import start_level
+
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file, guidance_scale=2.0)
+    top = float(teacher.denoiser.path.ve_sigma(torch.tensor(999.0)))
+    assert 14 < top < 15 and start_level(teacher.denoiser) == pytest.approx(top)
+    levels = []
+    hook = teacher.denoiser.register_forward_pre_hook(lambda module, args: levels.append(float(args[1].max())))
+    teacher.sample(1, "heun", 3, cond=teacher.dataset.conditions[:1])
+    hook.remove()
+    assert levels[0] == pytest.approx(top) and max(levels) == pytest.approx(top)
+    assert start_level(fewstep.Teacher.analytic("ring8").denoiser) == 80.0
+    student = fewstep.distill(teacher, "dmd", steps=1, batch_size=2, progress=False, lora_rank=4,
+                              method_args={"num_pairs": 4, "pair_nfe": 3})
+    assert student.sampling[1].sigmas[0] == pytest.approx(top)
+
+
+@pytest.mark.parametrize("method", ["meanflow", "ctm"])
+def test_a_method_whose_student_needs_a_second_time_is_one_clear_error_on_a_diffusers_teacher(folders, prompt_file,
+                                                                                            method):
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
+    with pytest.raises(ConfigError, match="a DiffusersBackbone takes none"):
+        fewstep.distill(teacher, method, steps=1, batch_size=2, progress=False)

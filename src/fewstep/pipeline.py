@@ -18,8 +18,8 @@ from fewstep.data.sources import Source, TeacherPairs, make_source, pair_labels
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError
 from fewstep.methods import METHODS
-from fewstep.methods.base import DistillationMethod, teacher_max_level
-from fewstep.models.denoiser import Denoiser
+from fewstep.methods.base import DistillationMethod
+from fewstep.models.denoiser import Denoiser, max_level
 from fewstep.models.io import one_line
 from fewstep.nets import build_backbone
 from fewstep.student import Student
@@ -56,9 +56,9 @@ def build_method(teacher: Teacher, method: str | type[DistillationMethod], metho
     adapter trains."""
     method_cls = method_class(method)
     args = method_args_for(method_cls, method_args, steps)
-    max_level = teacher_max_level(teacher.denoiser)
-    if max_level is not None:
-        args = {**method_cls.fit_to_teacher(max_level, args), **args}
+    top = max_level(teacher.denoiser)
+    if top is not None:
+        args = {**method_cls.fit_to_teacher(top, args), **args}
     config = build_dataclass(method_cls.Config, args, "method_args")
     dataset = teacher.dataset
     backbone_args = {**default_backbone_args(dataset), **(student_backbone_args or {})}

@@ -21,7 +21,7 @@ from fewstep.data.spec import DatasetSpec
 from fewstep.errors import CheckpointError, ConfigError, DataError
 from fewstep.guidance import GuidedDenoiser
 from fewstep.models.analytic import GaussianMixture
-from fewstep.models.denoiser import Denoiser
+from fewstep.models.denoiser import Denoiser, start_level
 from fewstep.models.io import load_model, one_line, read_description, save_model
 from fewstep.nets import build_backbone
 from fewstep.solvers import DEFAULT_TEACHER_NFE, solve, solver_sigmas
@@ -274,7 +274,7 @@ class Teacher:
         if noise is None:
             noise = torch.randn((n, *self.dataset.data_shape), generator=torch.Generator().manual_seed(seed))
         noise, cond = on_device(self.denoiser.device, noise, cond)
-        return solve(lambda x, s: self.guided(x, s, cond), noise, solver, nfe)
+        return solve(lambda x, s: self.guided(x, s, cond), noise, solver, nfe, sigma_max=start_level(self.denoiser))
 
 
 def one_condition(label: Tensor | None, cond: Condition | None) -> Condition | None:

@@ -30,8 +30,8 @@ from fewstep.conditions import Condition, TextCondition
 from fewstep.data.batch import NEEDS, Batch, CompositeBatch
 from fewstep.data.spec import DatasetSpec
 from fewstep.errors import ConfigError, DataError
-from fewstep.models.denoiser import CountingDenoiser, Denoiser, fingerprint
-from fewstep.solvers import TEACHER_SOLVERS, solve
+from fewstep.models.denoiser import CountingDenoiser, Denoiser, fingerprint, start_level
+from fewstep.solvers import SIGMA_MAX, TEACHER_SOLVERS, solve
 from fewstep.threads import share_cpu
 
 
@@ -135,6 +135,8 @@ class TeacherPairs:
                          "num_pairs": str(num_pairs), "seed": str(seed), "data_shape": json.dumps(list(data_shape)),
                          "labels": "none" if labels is None else hashlib.sha256(
                              labels.long().contiguous().numpy().tobytes()).hexdigest()}
+        if start_level(denoiser) != SIGMA_MAX:  # a VP teacher's solves start at its last level (older caches: at 80)
+            self.metadata["start_level"] = f"{start_level(denoiser):.6g}"
         key = hashlib.sha256(json.dumps(self.metadata, sort_keys=True).encode()).hexdigest()[:16]
         self.cache_path = Path(cache_dir) / f"pairs-{key}.safetensors"
         cached = self._load()
@@ -172,7 +174,8 @@ class TeacherPairs:
                 noise_chunk = noise[start:start + chunk].to(device)
                 cond = None if labels is None else labels[start:start + chunk].to(device)
                 with torch.no_grad():
-                    endpoint = solve(lambda x, s, cond=cond: counted(x, s, cond), noise_chunk, solver, nfe)
+                    endpoint = solve(lambda x, s, cond=cond: counted(x, s, cond), noise_chunk, solver, nfe,
+                                     sigma_max=start_level(denoiser))
                 endpoints.append(endpoint.detach().to("cpu", torch.float32))
                 bar.update(noise_chunk.shape[0])
         pairs = {"noise": noise, "endpoint": torch.cat(endpoints), "teacher_evals": counted.evals}

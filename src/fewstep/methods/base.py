@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -51,7 +50,6 @@ from fewstep.models.denoiser import (
     innermost,
 )
 from fewstep.nets import add_extra_conditions
-from fewstep.paths import VPDiscrete
 from fewstep.solvers import DEFAULT_TEACHER_NFE, Sampling
 
 
@@ -173,16 +171,6 @@ def consistency_student(teacher: Denoiser, new_backbone: Callable[[], nn.Module]
     backbone = teacher_backbone_copy(teacher) or new_backbone()
     return ConsistencyDenoiser(add_extra_conditions(backbone, extra_conditions) if extra_conditions else backbone,
                                sigma_data, sigma_min)
-
-
-def teacher_max_level(teacher: Denoiser) -> float | None:
-    """The highest noise level (VE sigma) of a teacher whose path ends at a finite one (a discrete VP schedule),
-    or None (every level has a time)."""
-    inner = innermost(teacher)
-    if not isinstance(inner, PathDenoiser):
-        return None
-    level = float(inner.path.ve_sigma(torch.tensor(inner.path.t_noise, dtype=torch.float64)))
-    return level if math.isfinite(level) and isinstance(inner.path, VPDiscrete) else None
 
 
 def teacher_backbone_copy(teacher: Denoiser) -> nn.Module | None:

@@ -33,11 +33,13 @@ from torch import Tensor, nn
 from fewstep.conditions import Condition
 from fewstep.paths import (
     NoisePath,
+    VPDiscrete,
     bcast,
     edm_coefficients,
     path_from_config,
     x0_eps_from_prediction,
 )
+from fewstep.solvers import SIGMA_MAX
 
 
 class Denoiser(nn.Module):
@@ -328,3 +330,19 @@ def denoiser_from_config(backbone: nn.Module, config: dict) -> Denoiser:
         return BoundaryDenoiser(denoiser_from_config(backbone, config["denoiser"]), config["sigma_min"])
     raise ValueError(f"unknown denoiser kind {kind!r}; expected 'edm', 'consistency', 'two_time', 'path', "
                      "'boundary' or 'fixed_extra'")
+
+
+def max_level(denoiser: Denoiser) -> float | None:
+    """The highest noise level (VE sigma) of a denoiser whose path ends at a finite one (a discrete VP schedule: about
+    14.6 for Stable Diffusion's), or None (every level has a time)."""
+    inner = innermost(denoiser)
+    if not isinstance(inner, PathDenoiser) or not isinstance(inner.path, VPDiscrete):
+        return None
+    return float(inner.path.ve_sigma(torch.tensor(inner.path.t_noise, dtype=torch.float64)))
+
+
+def start_level(denoiser: Denoiser) -> float:
+    """The level a solve of ``denoiser``'s ODE starts from: EDM's ``SIGMA_MAX`` (80), or a discrete VP path's last
+    level where that is lower (a network is not asked about timesteps it was never trained on)."""
+    level = max_level(denoiser)
+    return SIGMA_MAX if level is None else min(level, SIGMA_MAX)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fewstep.errors import DataError
+from fewstep.errors import ConfigError, DataError
 
 
 def check_sizes(owner: str, dropout: float, **sizes: tuple[int, int]) -> None:
@@ -88,7 +88,12 @@ def condition_embedding(backbone: nn.Module, c_noise: Tensor, label: Tensor | No
 
 def add_extra_conditions(backbone: nn.Module, count: int) -> nn.Module:
     """Give ``backbone`` (in place) ``count`` more scalar inputs, zero-initialised so its outputs are unchanged
-    until trained; ``hparams`` are updated so a saved copy rebuilds with them. Returns the backbone."""
+    until trained; ``hparams`` are updated so a saved copy rebuilds with them. Returns the backbone. A backbone
+    without extra inputs (a diffusers model) is refused."""
+    if not hasattr(backbone, "extra_embeddings"):
+        raise ConfigError(f"this method gives its student {count} more scalar input(s) (a second time, a weight); a "
+                          f"{type(backbone).__name__} takes none: use a fewstep backbone (mlp, unet) or another "
+                          "method")
     device = next(backbone.parameters()).device
     for _ in range(count):
         backbone.extra_embeddings.append(extra_condition_embedding(backbone.hparams["emb_dim"]).to(device))

@@ -43,8 +43,8 @@ from fewstep.methods.base import PairRequest
 from fewstep.methods.distribution.matching import DistributionMatching, DistributionMatchingConfig
 from fewstep.methods.losses import squared_l2
 from fewstep.methods.scores import generate
-from fewstep.models.denoiser import Denoiser
-from fewstep.solvers import DEFAULT_TEACHER_NFE, SIGMA_MAX
+from fewstep.models.denoiser import Denoiser, start_level
+from fewstep.solvers import DEFAULT_TEACHER_NFE
 
 
 @dataclass
@@ -67,9 +67,10 @@ class DMD(DistributionMatching):
         super().__init__(teacher, student, config)
         if config.reg_weight < 0 or config.num_pairs < 1:
             raise ConfigError("method_args: need reg_weight >= 0 and num_pairs >= 1")
-        if config.reg_weight > 0 and config.init_sigma != SIGMA_MAX:
-            raise ConfigError("method_args.init_sigma: DMD's regression pairs start from the teacher's top level "
-                              f"{SIGMA_MAX}; leave init_sigma there or set reg_weight to 0")
+        top = start_level(teacher)
+        if config.reg_weight > 0 and config.init_sigma != top:
+            raise ConfigError(f"method_args.init_sigma: DMD's regression pairs start from the teacher's top level "
+                              f"{top:g}; leave init_sigma there or set reg_weight to 0")
 
     def pair_request(self) -> PairRequest:
         return PairRequest(self.config.num_pairs, self.config.pair_solver, self.config.pair_nfe)

@@ -42,7 +42,7 @@ from fewstep.data.batch import Batch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DistillationMethod, MethodConfig, PairRequest
 from fewstep.methods.losses import check_choice, pseudo_huber, squared_l2
-from fewstep.models.denoiser import Denoiser, EDMDenoiser, innermost
+from fewstep.models.denoiser import Denoiser, EDMDenoiser, innermost, start_level
 from fewstep.paths import bcast
 from fewstep.solvers import DEFAULT_TEACHER_NFE, SIGMA_MAX, SIGMA_MIN, TEACHER_SOLVERS, Sampling, solve
 
@@ -117,7 +117,8 @@ def solve_pairs(denoiser: Denoiser, noise: Tensor, labels: Tensor | None, solver
     endpoints = []
     for start in range(0, noise.shape[0], chunk):
         cond = None if labels is None else labels[start:start + chunk]
-        endpoints.append(solve(lambda x, s, cond=cond: denoiser(x, s, cond), noise[start:start + chunk], solver, nfe))
+        endpoints.append(solve(lambda x, s, cond=cond: denoiser(x, s, cond), noise[start:start + chunk], solver, nfe,
+                               sigma_max=start_level(denoiser)))
     return torch.cat(endpoints)
 
 
