@@ -1,10 +1,13 @@
 """The count of every network call in training (:mod:`fewstep.train.calls`): exact per-sample counts by network and
 role, worked out by hand from the steps, the batch and each method's updates per step."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from fewstep.cli import main
 from fewstep.methods import METHODS
 from fewstep.models.denoiser import CountingDenoiser, EDMDenoiser
 from fewstep.nets import MLP
@@ -79,6 +82,19 @@ def test_a_resumed_run_reports_the_whole_runs_network_calls(tmp_path):
     resumed = run("cd", steps=4, run_dir=tmp_path)
     assert resumed.steps_done == 4
     assert resumed.network_evals == run("cd", steps=4).network_evals == {"student": 4 * BATCH, "target": 4 * BATCH}
+
+
+def test_distill_reports_the_counts_in_report_json_and_report_md(tmp_path):
+    out = tmp_path / "run"
+    assert main(["distill", "dataset=ring8", "method=cd", "teacher.source=analytic", f"out={out}", "train.steps=2",
+                 f"train.batch_size={BATCH}", "eval.n_samples=100", "eval.teacher_nfe=[1]", "eval.student_nfe=[1]",
+                 "--quiet"]) == 0
+    training = json.loads((out / "report.json").read_text())["training"]["student/cd"]
+    assert training | {"seconds": 0} == {"seconds": 0, "steps": 2, "teacher_evals": 2 * BATCH * 2,
+                                         "student_evals": 2 * BATCH * 2, "auxiliary_evals": 0,
+                                         "network_evals": {"student": 2 * BATCH, "target": 2 * BATCH}}
+    assert (f"{4 * BATCH} teacher evaluations, {4 * BATCH} evaluations of its other networks (student {4 * BATCH}, "
+            f"auxiliary 0; by network: student {2 * BATCH}, target {2 * BATCH})") in (out / "report.md").read_text()
 
 
 class Toy(nn.Module):

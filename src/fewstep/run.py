@@ -411,7 +411,7 @@ def other_evals(training: dict) -> str:
     student, auxiliary = training.get("student_evals") or 0, training.get("auxiliary_evals") or 0
     networks = ", ".join(f"{name} {n:,}" for name, n in training.get("network_evals", {}).items())
     return (f"{student + auxiliary:,} evaluations of its other networks (student {student:,}, auxiliary "
-            f"{auxiliary:,}{'; ' + networks if networks else ''})")
+            f"{auxiliary:,}{'; by network: ' + networks if networks else ''})")
 
 
 def machine() -> dict:
