@@ -22,7 +22,8 @@ from fewstep.teachers import TEACHER_TRAINING_STEPS
 STEPS, BATCH = 30, 64
 REQUIRED_CELL_KEYS = {"suite", "method", "family", "nfe", "quality_metric", "quality", "swd", "nll", "excess_nll",
                       "modes_covered", "spread_ratio", "noise_floor", "teacher_ratio", "train_seconds",
-                      "teacher_evals", "speedup", "peak_memory_bytes", "status"}
+                      "teacher_evals", "other_evals", "student_evals", "auxiliary_evals", "speedup",
+                      "peak_memory_bytes", "status"}
 SRC = Path(__file__).parent.parent / "src" / "fewstep"
 
 
@@ -120,6 +121,7 @@ def test_bench_writes_json_with_required_keys(bench_run):
         for row in rows:
             assert row["status"] == "ok"
             assert row["teacher_evals"] == STEPS * 2 * BATCH  # the same budget, spent in full by both
+            assert row["other_evals"] == row["student_evals"] + row["auxiliary_evals"] > 0
             assert row["quality"] == row["swd"] and math.isfinite(row["quality"])
             assert row["teacher_ratio"] == pytest.approx(row["quality"] / min(
                 r["swd"] for r in saved["teachers"]["ring8"]))
@@ -128,6 +130,8 @@ def test_bench_writes_json_with_required_keys(bench_run):
             heun35 = next(r for r in saved["teachers"]["ring8"] if r["name"] == "teacher/heun@35")
             assert row["speedup"] == pytest.approx(heun35["sec_per_sample"] / row["sec_per_sample"])
             assert row["train_seconds"] > 0
+    assert all(row["student_evals"] == row["other_evals"] == STEPS * BATCH * 2 and row["auxiliary_evals"] == 0
+               for row in rows_of(saved, "cd"))  # the student and its target, once per sample and step
     assert rows_of(saved, "cd")[0]["family"] == "consistency"
     assert rows_of(saved, "pd")[0]["family"] == "trajectory"
     pd_cell = json.loads((out / "cells" / "ring8" / "pd.json").read_text())
@@ -150,6 +154,10 @@ def test_benchmarks_markdown_has_each_suite_table_and_plots(bench_run):
     text = (out / "BENCHMARKS.md").read_text()
     assert "## ring8" in text
     assert "| model | nfe | swd | x noise floor | vs teacher |" in text
+    assert "| teacher evals | other network evals | speedup | status |" in text
+    assert "- `other network evals`:" in text
+    cd_budget = f"{STEPS * 2 * BATCH:,}"
+    assert re.search(rf"\| cd \| 1 \|.* \| {cd_budget} \| {cd_budget} \| [0-9.]+x \| ok \|", text)
     assert "| teacher · " in text and "| cd | 1 |" in text and "| pd | 4 |" in text
     assert "| broken | – |" in text and "failed: RuntimeError: boom at the first step |" in text
     assert "skipped: needs class labels; ring8 is unconditional |" in text
@@ -172,6 +180,21 @@ def test_second_run_reuses_finished_cells_and_retries_failed(bench_run, recipe_d
     for name in ("cd.json", "pd.json", "labels_only.json", "teacher_free.json", "teacher_sweep.json"):
         assert (cells / name).stat().st_mtime_ns == mtimes[name], name
     assert (cells / "broken.json").stat().st_mtime_ns != mtimes["broken.json"]
+
+
+def test_a_cell_saved_before_network_calls_were_counted_loads_and_shows_a_dash(bench_run, recipe_dir, tmp_path):
+    out = tmp_path / "bench"
+    shutil.copytree(bench_run[0], out)
+    path = out / "cells" / "ring8" / "cd.json"
+    cell = json.loads(path.read_text())
+    for key in ("student_evals", "auxiliary_evals", "network_evals"):
+        del cell[key]
+    path.write_text(json.dumps(cell))
+    report = run_bench([tiny_suite(recipe_dir)], out, {"cd": ExplodingCD}, progress=False)
+    assert [row["other_evals"] for row in report["cells"]] == [None] * 3
+    assert [row["teacher_evals"] for row in report["cells"]] == [STEPS * 2 * BATCH] * 3
+    assert re.search(rf"\| cd \| 1 \|.* \| {STEPS * 2 * BATCH:,} \| – \| [0-9.]+x \| ok \|",
+                     (out / "BENCHMARKS.md").read_text())
 
 
 def test_changed_settings_rerun_the_cell(bench_run, recipe_dir, tmp_path):

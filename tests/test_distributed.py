@@ -108,6 +108,7 @@ def two_process_runs(tmp) -> None:
                 "sharded": weights(sharded, sharded_result)}
     if torch.distributed.get_rank() == 0:
         torch.save({**gathered, "cd_teacher_evals": cd_result.teacher_evals,
+                    "cd_network_evals": cd_result.network_evals,
                     "sharded_kinds": {name: sorted({type(p).__name__ for p in module.parameters()})
                                       for name, module in with_network_teacher.named_children()},
                     "resumed": resumed_result.ema_student.state_dict(),
@@ -210,6 +211,7 @@ def test_two_process_loss_curve_matches_one_process_at_equal_global_batch(runs, 
           f"{100 * seed_gap:.2f}%")
     assert gap < 0.02  # the per-process noise draws differ, so single windows differ by the loss's own noise
     assert two["cd_teacher_evals"] == one["cd0"].teacher_evals == 2 * 128 * CD_STEPS
+    assert two["cd_network_evals"] == one["cd0"].network_evals == {"student": 128 * CD_STEPS, "target": 128 * CD_STEPS}
 
 
 @pytest.mark.parametrize("run", ["resume", "resume-fsdp"])

@@ -238,7 +238,7 @@ def run_text_job(recipe: Recipe, progress: bool = True, resume_changed: bool = F
     report["exports"] = {kind: str(out / folders[kind]) for kind in exports}
     report["wall_seconds"] = {"total": time.perf_counter() - started}
     report["training"] = {"steps": student.train_result.steps_done, "seconds": student.train_result.seconds,
-                          "teacher_evals": student.train_result.teacher_evals}
+                          **student.train_result.evals()}
     write_json(report, out / "report.json")
     (out / "report.md").write_text(text_job_markdown(report))
     return report
@@ -296,7 +296,7 @@ def text_job_markdown(report: dict) -> str:
                   + f". With {report['prompts']} images the Fréchet distance is only indicative: raise eval.n_samples."]
     training = report["training"]
     lines += ["", f"Training: {training['steps']} steps in {training['seconds']:.0f} s, "
-              f"{training['teacher_evals'] or 0:,} teacher evaluations.", "",
+              f"{training['teacher_evals'] or 0:,} teacher evaluations, {other_evals(training)}.", "",
               f"Exports: {', '.join(f'{kind} in `{path}`' for kind, path in report['exports'].items())}.", "",
               *([] if report["pipeline_scales_noise"] else [
                   f"A {report['pipeline']} does not scale its initial noise: for the student's own samples pass "
@@ -402,10 +402,18 @@ def report_markdown(report: dict, student: Student) -> str:
     training = report.get("training", {}).get(student.name, {})
     if training:
         lines.append(f"\nTraining: {training['steps']} steps in {training['seconds']:.0f} s, "
-                     f"{training.get('teacher_evals') or 0:,} teacher evaluations.")
+                     f"{training.get('teacher_evals') or 0:,} teacher evaluations, {other_evals(training)}.")
     lines += ["", "```", format_table(report), "```", "",
               "![samples](samples.png)", "", "![quality vs NFE](quality_vs_nfe.png)", ""]
     return "\n".join(lines)
+
+
+def other_evals(training: dict) -> str:
+    """The evaluations of a run's networks other than the teacher, in words (by role, then by network)."""
+    student, auxiliary = training.get("student_evals") or 0, training.get("auxiliary_evals") or 0
+    networks = ", ".join(f"{name} {n:,}" for name, n in training.get("network_evals", {}).items())
+    return (f"{student + auxiliary:,} evaluations of its other networks (student {student:,}, auxiliary "
+            f"{auxiliary:,}{'; by network: ' + networks if networks else ''})")
 
 
 def machine() -> dict:

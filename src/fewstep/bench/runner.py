@@ -287,6 +287,8 @@ def _distill_and_evaluate(suite: Suite, method_name: str, method_cls: type[Disti
     return {"status": "capped" if result.stopped_early else "ok", "method_args": student.metadata["method_args"],
             "teacher_evals_per_sample": per_sample, "steps": steps, "steps_done": result.steps_done,
             "train_seconds": result.seconds, "teacher_evals": result.teacher_evals,
+            "student_evals": result.student_evals, "auxiliary_evals": result.auxiliary_evals,
+            "network_evals": result.network_evals,
             "rows": [row for row in report["results"] if row["role"] == "student"]}
 
 
@@ -332,11 +334,20 @@ def cell_rows(suite: Suite, sweep: dict, cell: dict) -> list[dict]:
     common = {"suite": suite.name, "method": cell["method"], "family": cell["family"], "status": cell["status"],
               "error": cell["error"], "train_seconds": cell.get("train_seconds"),
               "train_steps": cell.get("steps_done"), "teacher_evals": cell.get("teacher_evals"),
-              "teacher_eval_budget": cell["budget"]}
+              "other_evals": _other_evals(cell), "student_evals": cell.get("student_evals"),
+              "auxiliary_evals": cell.get("auxiliary_evals"), "teacher_eval_budget": cell["budget"]}
     measured = [_measured(row) for row in cell["rows"]]
     if not measured:  # the same keys as a measured row, without values
         measured = [{**dict.fromkeys(_measured(sweep["report"]["results"][0])), "nfe": nfe} for nfe in suite.nfe]
     return [{**common, **row, **_derived(suite, sweep, row)} for row in measured]
+
+
+def _other_evals(cell: dict) -> int | None:
+    """The evaluations of a cell's networks other than the teacher (student and auxiliary), or None for a cell
+    saved before they were counted."""
+    if cell.get("student_evals") is None or cell.get("auxiliary_evals") is None:
+        return None
+    return cell["student_evals"] + cell["auxiliary_evals"]
 
 
 def _measured(row: dict) -> dict:
@@ -443,6 +454,13 @@ def benchmarks_markdown(report: dict, measured: list[tuple[Suite, dict, list[dic
         f"{TEACHER_FREE_EVALS_PER_SAMPLE:g} calls per sample. `teacher evals` is what the run used: less than the "
         "budget when the wall-time cap stopped it (status `capped`), or when a method calls other networks than "
         "the teacher (its own earlier rounds, fake scores) in later steps.",
+        "- `other network evals`: the run's evaluations, counted the same way (one forward pass of one network on "
+        "one sample; a backward pass is not one), of every network but the teacher: the student and the copies of it "
+        "a method evaluates (EMA targets, earlier rounds), and auxiliary networks (fake scores, discriminator "
+        "heads, feature networks), which the budget does not limit. Its ratio to `teacher evals` is how much more "
+        "network work than teacher calls a method does at the same budget (the JSON has `student_evals` and "
+        "`auxiliary_evals`; the cell files the count of each network). `–` for a cell saved before these were "
+        "counted.",
         "- Each method runs with its recipe's arguments (`configs/<suite>-<method>.yaml`, the tables' one source "
         "of truth; defaults where there is none), its schedule (curricula, stages, rounds, warm-ups) fitted by the "
         "method to the cell's steps. Learning rate, batch and the student network of an analytic teacher are the "
@@ -485,11 +503,11 @@ def _suite_section(suite: Suite, sweep: dict, cells: list[dict], report: dict) -
     teachers = report["teachers"][suite.name]
     extras = _extra_columns(suite, teachers + rows)
     header = ["model", "nfe", metric, "x noise floor", "vs teacher", *[title for title, _ in extras], "train s",
-              "teacher evals", "speedup", "status"]
+              "teacher evals", "other network evals", "speedup", "status"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for nfe in sorted({row["nfe"] for row in teachers}):
         row = min((r for r in teachers if r["nfe"] == nfe), key=lambda r: (_finite(r["quality"]), r["name"]))
-        lines.append(_table_row(f"teacher · {row['sampler']}", row, extras, "–", "–", ""))
+        lines.append(_table_row(f"teacher · {row['sampler']}", row, extras, "–", ("–", "–"), ""))
     families: dict[str, list[dict]] = {}
     for cell in cells:
         families.setdefault(cell["family"], []).append(cell)
@@ -501,7 +519,8 @@ def _suite_section(suite: Suite, sweep: dict, cells: list[dict], report: dict) -
                 lines.append("| " + " | ".join([cell["method"]] + ["–"] * (len(header) - 2) + [status]) + " |")
                 continue
             for row in (r for r in rows if r["method"] == cell["method"]):
-                evals = f"{row['teacher_evals']:,}" if row["teacher_evals"] is not None else "–"
+                evals = tuple(f"{row[key]:,}" if row.get(key) is not None else "–"
+                              for key in ("teacher_evals", "other_evals"))
                 train_s = f"{row['train_seconds']:.1f}" if row["train_seconds"] is not None else "–"
                 lines.append(_table_row(row["method"], row, extras, train_s, evals, row["status"]))
     lines += ["", f"![{suite.name}: quality vs NFE]({suite.name}_quality_vs_nfe.png)",
@@ -543,8 +562,8 @@ def _fmt(key: str, spec: str) -> Callable[[dict], str]:
     return cell
 
 
-def _table_row(label: str, row: dict, extras: list, train_s: str, evals: str, status: str) -> str:
+def _table_row(label: str, row: dict, extras: list, train_s: str, evals: tuple[str, str], status: str) -> str:
     cells = [label, str(row["nfe"]), _fmt("quality", "{:.4g}")(row), _fmt("floor_ratio", "{:.3g}")(row),
-             _fmt("teacher_ratio", "{:.3g}")(row), *[show(row) for _, show in extras], train_s, evals,
+             _fmt("teacher_ratio", "{:.3g}")(row), *[show(row) for _, show in extras], train_s, *evals,
              _fmt("speedup", "{:.1f}x")(row), status]
     return "| " + " | ".join(cells) + " |"

@@ -211,7 +211,7 @@ def evaluate_models(teacher: Teacher, students: list[Student], student_nfe: tupl
         if student.train_result is not None:
             report.setdefault("training", {})[student.name] = {
                 "seconds": student.train_result.seconds, "steps": student.train_result.steps_done,
-                "teacher_evals": student.train_result.teacher_evals}
+                **student.train_result.evals()}
     return report
 
 

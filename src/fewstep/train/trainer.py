@@ -18,8 +18,10 @@ insides::
 Each phase's optimizer is AdamW with the run's settings (``TrainConfig``), overridden by the phase's own
 (:class:`~fewstep.methods.base.Phase`: learning-rate scale, betas, weight decay, gradient clip).
 Teacher evaluations are the method's own count (``method.teacher_evals``, which a counting wrapper keeps) plus
-what the source's signal cost to make (``source.teacher_evals``: teacher pairs); the count is checkpointed, so a
-resumed run reports the whole run's.
+what the source's signal cost to make (``source.teacher_evals``: teacher pairs). The method's other networks (the
+student and its target copies, fake scores, discriminator heads) are counted the same way, per sample, by forward
+hooks (:mod:`fewstep.train.calls`), by network and by role. The counts are checkpointed, so a resumed run reports
+the whole run's.
 
 ``config.steps`` therefore counts cycles: a method with phases "fake_score" x5 and "generator" x1 makes six
 optimizer updates per step. ``step`` (the value methods see) is the 0-based cycle index; a checkpoint at
@@ -84,7 +86,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -100,6 +102,7 @@ from fewstep.methods.base import Phase
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.io import check_state_fits, one_line
 from fewstep.threads import share_cpu
+from fewstep.train.calls import NetworkCalls
 from fewstep.train.checkpoint import (
     Checkpoint,
     checkpoint_folder,
@@ -230,7 +233,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 class TrainResult:
     """``steps_done`` and ``seconds`` count the whole run, across resumes. ``losses`` maps
     ``"phase/loss_name"`` to its mean over the last log window. ``ema_student`` is a copy of the student
-    denoiser holding the EMA weights, in eval mode, on the training device."""
+    denoiser holding the EMA weights, in eval mode, on the training device. ``teacher_evals`` counts the teacher's
+    evaluations (one per sample a call denoises); ``network_evals`` the method's other networks' by name, and
+    ``student_evals`` and ``auxiliary_evals`` those by role (:mod:`fewstep.train.calls`), also per sample."""
 
     steps_done: int
     seconds: float
@@ -239,6 +244,19 @@ class TrainResult:
     stopped_early: bool
     teacher_evals: int
     checkpoint: Path | None
+    network_evals: dict[str, int] = field(default_factory=dict)
+    student_evals: int = 0
+    auxiliary_evals: int = 0
+
+    @property
+    def other_evals(self) -> int:
+        """Evaluations of every network but the teacher (student and auxiliary)."""
+        return self.student_evals + self.auxiliary_evals
+
+    def evals(self) -> dict:
+        """The network evaluations of the run, for a report: the teacher's, by role and by network."""
+        return {"teacher_evals": self.teacher_evals, "student_evals": self.student_evals,
+                "auxiliary_evals": self.auxiliary_evals, "network_evals": dict(self.network_evals)}
 
 
 def train(method: Trainable, source, config: TrainConfig, run_dir: str | Path | None = None,
@@ -304,13 +322,15 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
         raise ValueError(f"{type(method).__name__}.phases() must have distinct names")
     optimizers = {name: _optimizer(phase, config) for name, phase in phases.items()}  # lr is set every step
 
+    calls = NetworkCalls(method)
     start, seconds_before, evals_before, last_good, changes = 0, 0.0, 0, None, []
+    calls_before: dict[str, int] = {}
     window: dict[str, dict[str, list[float]]] = {}  # the log window's values so far, by phase and loss name
     if run_dir is not None and resume and checkpoint_folder(run_dir) is not None:
         checkpoint = load_checkpoint(run_dir)
         changes = _check_settings(checkpoint, method, config, allow_changes)
-        seconds_before, evals_before = _restore(checkpoint, method, source, ema, optimizers, generators, config,
-                                                rank, world)
+        seconds_before, evals_before, calls_before = _restore(checkpoint, method, source, ema, optimizers,
+                                                              generators, config, rank, world)
         start, last_good = checkpoint.step, (checkpoint.step, checkpoint.folder)
         window = checkpoint.state.get("log_window", {})
     evals_at_start = method.teacher_evals
@@ -335,6 +355,11 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
         """The method's teacher evaluations over the whole run, all processes (a collective)."""
         spent = method.teacher_evals - evals_at_start
         return evals_before + (total(int(spent), device) if world > 1 else int(spent))
+
+    def network_evals() -> dict[str, int]:
+        """The evaluations of the method's other networks over the whole run, all processes (a collective)."""
+        return {name: calls_before.get(name, 0) + (total(spent, device) if world > 1 else spent)
+                for name, spent in calls.evals.items()}
 
     def flush_window() -> None:
         rows = [{"step": done, "phase": name, **{k: sum(v) / len(v) for k, v in values.items()
@@ -361,7 +386,7 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
 
     def save() -> tuple[int, Path]:
         return done, _save(run_dir, done, method, source, ema, optimizers, generators, config, seconds(),
-                           teacher_evals(), window, device, main)
+                           teacher_evals(), network_evals(), window, device, main)
 
     try:
         for step in range(start, config.steps):
@@ -371,7 +396,7 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
                     group["lr"] = config.lr * phases[name].lr_scale * lr_factor(step, config)
                 for _ in range(phases[name].updates):
                     losses = _update(method, phases[name], optimizers[name], source, step, generators, config,
-                                     accelerator, last_good)
+                                     accelerator, last_good, calls)
                     reshard(sharded_networks)
                     idle = losses.pop(IDLE)
                     for key, value in losses.items():
@@ -411,6 +436,7 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
             last_good = save()
     finally:
         bar.close()
+        calls.remove()
         if writer is not None:
             writer.close()
 
@@ -418,10 +444,13 @@ def _train(method: Trainable, source, config: TrainConfig, run_dir: Path | None,
     frozen = {id(p): p for p in whole_student.parameters() if not p.requires_grad}  # shared, as in the EMA
     ema_student = copy.deepcopy(whole_student, frozen)
     ema_student.load_state_dict(full_state(ema.state_dict()))
+    networks = network_evals()
+    roles = calls.by_role(networks)
     return TrainResult(
         steps_done=done, seconds=seconds(), losses=dict(last_losses), ema_student=ema_student.eval(),
         stopped_early=stopped_early, teacher_evals=teacher_evals() + int(source.teacher_evals),
-        checkpoint=None if last_good is None else last_good[1])
+        checkpoint=None if last_good is None else last_good[1], network_evals=networks,
+        student_evals=roles["student"], auxiliary_evals=roles["auxiliary"])
 
 
 def _lock(stack: ExitStack, run_dir: Path, what: str, accelerator: Accelerator) -> None:
@@ -556,11 +585,11 @@ def _optimizer(phase: Phase, config: TrainConfig, factor: float = 1.0) -> torch.
 
 def _update(method: Trainable, phase: Phase, optimizer: torch.optim.Optimizer, source, step: int,
             generators: dict[str, torch.Generator], config: TrainConfig, accelerator: Accelerator,
-            last_good: tuple[int, Path] | None) -> dict[str, float]:
+            last_good: tuple[int, Path] | None, calls: NetworkCalls) -> dict[str, float]:
     """One optimizer update of ``phase`` on one global batch; returns its losses (means over the global batch)
     as floats, and under :data:`IDLE` whether the phase was idle: its loss carried no gradient, so nothing was
     stepped. Gradients of every parameter are cleared first, so a phase never steps with gradients another
-    phase's loss left behind."""
+    phase's loss left behind. ``calls`` counts the method's network calls made in its losses."""
     batch = source.batch(config.batch_size, generators["data"])
     world, k = accelerator.num_processes, config.grad_accumulation
     size = config.batch_size // (world * k)
@@ -569,7 +598,8 @@ def _update(method: Trainable, phase: Phase, optimizer: torch.optim.Optimizer, s
     sums, idle = None, False
     for micro in range(first, first + k):
         part = batch.rows(micro * size, (micro + 1) * size).to(accelerator.device)
-        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+        bf16 = config.mixed_precision == "bf16"
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16), calls.counting():
             losses = method.losses(phase.name, part, step, generators["noise"])
         values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
         sums = values if sums is None else sums + values
@@ -628,13 +658,13 @@ def _process_rng(generators: dict[str, torch.Generator], device: torch.device) -
 
 def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
           optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-          config: TrainConfig, seconds: float, teacher_evals: int, log_window: dict, device: torch.device,
-          main: bool) -> Path:
+          config: TrainConfig, seconds: float, teacher_evals: int, network_evals: dict[str, int], log_window: dict,
+          device: torch.device, main: bool) -> Path:
     """Checkpoint tensors as ``method.*``, ``ema.*`` and ``source.*``; non-tensor entries of the method's and
     the source's state go to ``state.json`` and must be JSON-serialisable, as must the method's ``config``
-    (:func:`_settings`), with the training seconds, the method's teacher evaluations so far and the values of
-    the unfinished log window (so a resumed run logs the same means). Every process takes part (their generator
-    states are gathered); rank 0 writes."""
+    (:func:`_settings`), with the training seconds, the method's teacher and other network evaluations so far and
+    the values of the unfinished log window (so a resumed run logs the same means). Every process takes part
+    (their generator states are gathered); rank 0 writes."""
     process_rng = _process_rng(generators, device)
     ranks = gather(process_rng) if torch.distributed.is_initialized() else [process_rng]
     method_state, ema_state = full_state(method.state_dict()), full_state(ema.state_dict())  # every process
@@ -648,7 +678,8 @@ def _save(run_dir: Path, step: int, method: nn.Module, source, ema: EMA,
     tensors |= {f"ema.{k}": v for k, v in ema_state.items()}
     tensors |= {f"source.{k}": v for k, v in source_tensors.items()}
     rng = {"data": encode_rng_state(generators["data"].get_state()), "ranks": ranks}
-    state = {"method": type(method).__name__, "seconds": seconds, "teacher_evals": teacher_evals, "rng": rng,
+    state = {"method": type(method).__name__, "seconds": seconds, "teacher_evals": teacher_evals,
+             "network_evals": network_evals, "rng": rng,
              **_settings(method, config), "log_window": log_window,
              "num_processes": len(ranks), "method_extra": method_extra, "source_extra": source_extra}
     return save_checkpoint(run_dir, step, tensors, optimizer_states, state)
@@ -662,9 +693,10 @@ def _split_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
 
 def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
              optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-             config: TrainConfig, rank: int, world: int) -> tuple[float, int]:
+             config: TrainConfig, rank: int, world: int) -> tuple[float, int, dict[str, int]]:
     """Load a checkpoint (of this method, see :func:`_check_settings`) into the method, EMA, optimizers and
-    generators; returns its training seconds and the method's teacher evaluations up to it.
+    generators; returns its training seconds and the method's teacher and other network evaluations up to it (no
+    other network's in a checkpoint written before those were counted).
     A checkpoint from another process count restores everything but this process's own generators, which are
     re-seeded from ``(seed, rank, step)``."""
     folder, state = checkpoint.folder, checkpoint.state
@@ -694,7 +726,8 @@ def _restore(checkpoint: Checkpoint, method: nn.Module, source, ema: EMA,
         else:
             generators["noise"].manual_seed(_rank_seed(config.seed + 1, rank, checkpoint.step))
             torch.manual_seed(_rank_seed(config.seed, rank, checkpoint.step))
-        return float(state["seconds"]), int(state.get("teacher_evals", 0))
+        return (float(state["seconds"]), int(state.get("teacher_evals", 0)),
+                {name: int(n) for name, n in state.get("network_evals", {}).items()})
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{folder} cannot be restored: {type(error).__name__}: {one_line(error)}") from error
 
