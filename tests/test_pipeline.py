@@ -28,6 +28,7 @@ from fewstep.pipeline import (
 )
 from fewstep.solvers import Sampling
 from fewstep.teachers import Teacher
+from fewstep.train.calls import NetworkCalls
 from fewstep.train.trainer import TrainConfig, _optimizer, _update, accelerator_for, train
 
 SMALL = {"width": 16, "depth": 1}
@@ -220,7 +221,7 @@ def test_a_phases_gradient_clip_applies_to_its_update():
     generators = {"data": torch.Generator().manual_seed(0), "noise": torch.Generator().manual_seed(1)}
     optimizer = _optimizer(critic, TrainConfig())
     values = _update(method, critic, optimizer, source, 1, generators, TrainConfig(batch_size=8),
-                     accelerator_for("cpu"), None)
+                     accelerator_for("cpu"), None, NetworkCalls(method))
     assert values["idle"] is False
     norm = torch.stack([p.grad.norm() for p in critic.parameters]).norm()
     assert norm <= 1e-3 * (1 + 1e-6)  # the phase's clip, not the run's 1.0
