@@ -30,10 +30,9 @@ def build(folder: Path, small: bool, pixels: int, count: int) -> None:
     """An SD-like pipeline (SD1.5's UNet config unless ``small``; a small VAE with SD's factor 8 and a one-layer CLIP
     text encoder) and ``count`` random captioned images."""
     import diffusers
-    from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tiny_pipelines import clip, tokenizer
+    from tiny_pipelines import save_sd_with_images
 
     torch.manual_seed(0)
     width = 32 if small else 768
@@ -45,18 +44,7 @@ def build(folder: Path, small: bool, pixels: int, count: int) -> None:
     vae = diffusers.AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
                                   sample_size=pixels, scaling_factor=0.18215)
-    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip(width), tokenizer=tokenizer(folder / "tok"),
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipe")
-    images = folder / "images"
-    images.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for i in range(count):
-        pixels_ = (torch.rand(pixels, pixels, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels_).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a cat" if i % 2 else "a dog")
+    save_sd_with_images(folder, unet, vae, width, pixels, count)
 
 
 def timed(step, steps: int, warmup: int, device: str) -> dict:
@@ -123,6 +111,8 @@ def plain_run(folder: Path, options, checkpointing: bool) -> dict:
     import diffusers
     from peft import LoraConfig
 
+    from tiny_pipelines import MAX_TOKENS
+
     device, dtype = options.device, torch.bfloat16
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "pipe", subfolder="unet").to(device, dtype)
     teacher = diffusers.UNet2DConditionModel.from_pretrained(folder / "pipe", subfolder="unet").to(device, dtype)
@@ -141,7 +131,7 @@ def plain_run(folder: Path, options, checkpointing: bool) -> dict:
     size, width = options.pixels // 8, unet.config.cross_attention_dim
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn(options.batch, 4, size, size, device=device, generator=generator)
-    text = torch.randn(options.batch, 77, width, device=device, generator=generator)
+    text = torch.randn(options.batch, MAX_TOKENS, width, device=device, generator=generator)  # the pipeline's length
     null = torch.zeros_like(text)
 
     def boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,10 +32,9 @@ def resident() -> int:
 def build(folder: Path, width: int) -> None:
     import diffusers
     import torch
-    from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tiny_pipelines import clip, tokenizer, vae
+    from tiny_pipelines import save_sd_with_images, vae
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
@@ -43,18 +42,7 @@ def build(folder: Path, width: int) -> None:
                                           cross_attention_dim=64, attention_head_dim=8,
                                           down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
                                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
-    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae(), text_encoder=clip(64), tokenizer=tokenizer(folder / "tok"),
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipe")
-    images = folder / "images"
-    images.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for i in range(16):
-        Image.fromarray((torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()).save(
-            images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a cat" if i % 2 else "a dog")
+    save_sd_with_images(folder, unet, vae(), 64, 32, 16)
 
 
 def measure(folder: Path, rank: int | None, steps: int) -> dict:

@@ -120,3 +120,24 @@ def clip_model(folder: Path) -> Path:
     CLIPProcessor(image_processor=images, tokenizer=tokenizer(folder.parent / f"{folder.name}-tokenizer")
                   ).save_pretrained(folder)
     return folder
+
+
+def save_sd_with_images(folder: Path, unet: diffusers.UNet2DConditionModel, vae_model: diffusers.AutoencoderKL,
+                        text_width: int, pixels: int, count: int) -> None:
+    """An SD pipeline around ``unet`` and ``vae_model`` (a one-layer CLIP text encoder of ``text_width``, SD's
+    scheduler) saved in ``folder/pipe``, and ``count`` random images of ``pixels`` px captioned "a cat" / "a dog" in
+    ``folder/images``."""
+    from PIL import Image
+
+    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae_model, text_encoder=clip(text_width),
+                                             tokenizer=tokenizer(folder / "tok"), unet=unet, scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    images = folder / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        Image.fromarray((torch.rand(pixels, pixels, 3, generator=generator) * 255).to(torch.uint8).numpy()).save(
+            images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a cat" if i % 2 else "a dog")
