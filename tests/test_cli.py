@@ -65,7 +65,7 @@ def test_unknown_key_in_a_recipe_file_and_wrong_type(tmp_path, capsys):
 
 def test_a_value_the_method_refuses(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(["distill", "dataset=ring8", "teacher.source=analytic", f"out={out}",
+    code, _, err = run_cli(["distill", "dataset=ring8", "teacher.source=analytic", f"out={out}", "method=cd",
                             "method_args.num_scales=1"], capsys)
     assert_one_line_error(code, err, "method_args.num_scales", "must be >= 2")
     assert not out.exists()
