@@ -2,6 +2,7 @@
 file -> the pipeline's own text encoders (cached) -> a LoRA student distilled on latents -> export -> diffusers
 loads it -> the same images as fewstep's own sampling."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -424,3 +425,27 @@ def test_a_method_whose_student_needs_a_second_time_is_one_clear_error_on_a_diff
     teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file)
     with pytest.raises(ConfigError, match="a DiffusersBackbone takes none"):
         fewstep.distill(teacher, method, steps=1, batch_size=2, progress=False)
+
+
+NOT_ON_A_DIFFUSERS_NETWORK = {  # method -> what its one clear error names
+    **dict.fromkeys(("boot", "ctm", "flow_map", "flow_map_free", "meanflow", "slam", "twinflow"), "takes none"),
+    **dict.fromkeys(("rcm", "scd", "sct"), "needs an EDMDenoiser student"),
+    "slimflow": "must be smaller", "tbcm": "cannot hold text conditions",
+}
+
+
+@pytest.mark.parametrize("name", sorted(fewstep.METHODS))
+def test_every_method_runs_on_a_text_to_image_teacher_or_says_why_not(folders, prompt_file, tmp_path, name):
+    """Each registered method on the tiny SD-like pipeline (prompts and captioned images, a LoRA student, two steps):
+    it trains and samples finite latents, or it is one ConfigError / DataError naming why it cannot."""
+    teacher = fewstep.Teacher.from_pipeline(folders["sd"], prompt_file, images=image_folder(tmp_path / "images"),
+                                            guidance_scale=2.0)
+    fields = {f.name for f in dataclasses.fields(fewstep.METHODS[name].Config)}
+    args = {key: value for key, value in (("num_pairs", 4), ("pair_nfe", 3)) if key in fields}
+    if name in NOT_ON_A_DIFFUSERS_NETWORK:
+        with pytest.raises((ConfigError, DataError), match=NOT_ON_A_DIFFUSERS_NETWORK[name]):
+            fewstep.distill(teacher, name, steps=2, batch_size=2, progress=False, lora_rank=4, method_args=args)
+        return
+    student = fewstep.distill(teacher, name, steps=2, batch_size=2, lr=1e-3, progress=False, lora_rank=4,
+                              method_args=args)
+    assert torch.isfinite(student.sample(2, nfe=min(student.sampling), cond=teacher.dataset.conditions[:2])).all()
